@@ -1,0 +1,68 @@
+"""aios-fast: the compiled engine room of a self-evolving local AI node.
+
+Public classes are imported lazily so that ``import aios_fast`` stays light (no torch or
+transformers until a class that needs them is used).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import (
+    AiosError,
+    BackendUnavailableError,
+    CardFormatError,
+    CardMismatchError,
+    InputError,
+    SkillRejectedError,
+    TrainingDivergedError,
+)
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "WeightMapProbe": "aios_fast.probe",
+    "HeatMap": "aios_fast.probe",
+    "token_norm_stats": "aios_fast.kernels.norms",
+    "LoRACard": "aios_fast.cards",
+    "LoRAFormat": "aios_fast.cards",
+    "LoRAManager": "aios_fast.lora",
+    "SentenceEncoder": "aios_fast.engines",
+    "CausalLM": "aios_fast.engines",
+    "ModelConverter": "aios_fast.engines",
+    "truncated_svd": "aios_fast.linalg",
+    "LoRAExtractor": "aios_fast.extract",
+    "LoRATrainer": "aios_fast.learn",
+    "QALogger": "aios_fast.learn",
+    "validate": "aios_fast.learn",
+    "hardware": "aios_fast.hardware",
+    "backends": "aios_fast.backends",
+}
+
+__all__ = [
+    "__version__",
+    "AiosError",
+    "BackendUnavailableError",
+    "CardFormatError",
+    "CardMismatchError",
+    "InputError",
+    "SkillRejectedError",
+    "TrainingDivergedError",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'aios_fast' has no attribute {name!r}")
+    module = importlib.import_module(mod)
+    value = module if mod.endswith("." + name) else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,1 @@
+"""Operation contracts and their registered implementations (see aios_fast.backends)."""

@@ -1,0 +1,1 @@
+"""Placeholder: the activation-norm operation registers here."""

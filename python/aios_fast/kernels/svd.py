@@ -1,0 +1,1 @@
+"""Placeholder: the truncated-SVD operations register here."""
