@@ -62,13 +62,31 @@ class Implementation:
         return self.availability()
 
 
+Case = "tuple[str, tuple[Any, ...], dict[str, Any]]"  # (readable id, args, kwargs)
+
+
 @dataclass
 class Operation:
-    """A hot operation's contract and its implementations."""
+    """A hot operation's contract and its implementations.
+
+    ``cases()`` yields ``(id, args, kwargs)`` inputs (args may hold CPU tensors; the test moves
+    them to each implementation's device) and ``compare(got, expected, case_id)`` asserts that
+    an implementation's result matches the reference's within the operation's tolerance. The
+    test suite runs every implementation on every case against the reference this way.
+    """
 
     name: str
     doc: str
     impls: list[Implementation] = field(default_factory=list)
+    cases: Callable[[], Any] | None = None
+    compare: Callable[[Any, Any, str], None] | None = None
+
+    @property
+    def reference(self) -> Implementation:
+        refs = [i for i in self.impls if i.reference]
+        if len(refs) != 1:
+            raise RuntimeError(f"operation {self.name!r} must have exactly one reference, has {len(refs)}")
+        return refs[0]
 
 
 _OPS: dict[str, Operation] = {}
@@ -84,11 +102,12 @@ def _ensure_loaded() -> None:
         importlib.import_module(mod)
 
 
-def define(name: str, doc: str) -> Operation:
-    """Declare an operation's contract (idempotent)."""
+def define(name: str, doc: str, *, cases: Callable[[], Any] | None = None,
+           compare: Callable[[Any, Any, str], None] | None = None) -> Operation:
+    """Declare an operation's contract (idempotent), with its conformance cases."""
     op = _OPS.get(name)
     if op is None:
-        op = _OPS[name] = Operation(name, doc)
+        op = _OPS[name] = Operation(name, doc, cases=cases, compare=compare)
     return op
 
 

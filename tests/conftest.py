@@ -1,0 +1,62 @@
+"""Shared fixtures: the bundled models (offline), devices, and the CUDA skip rule."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+CUDA_SKIP_REASON = "needs a CUDA GPU; none is visible on this machine (run on a GPU machine)"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason=CUDA_SKIP_REASON)
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
+
+DEVICES = [pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    from aios_fast.bundled import minilm_dir as find
+
+    return find()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    from aios_fast.bundled import smollm2_gguf as find
+
+    return find()
+
+
+@pytest.fixture(scope="session")
+def hf_minilm(minilm_dir):
+    """The bundled MiniLM as a plain transformers BertModel (eval mode), shared read-only:
+    tests that modify it must work on a copy."""
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(minilm_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer(minilm_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_dir)
