@@ -1,0 +1,341 @@
+"""Skill-card benchmarks, one run, each figure beside its peer:
+
+(a) load of a rank-16 card covering every linear layer of MiniLM and of SmolLM2-135M:
+    ``LoRAFormat.load`` (mmap, zero-copy; verify on and off) vs ``safetensors.safe_open``
+    (framework ``pt``, every tensor read) of the same tensors;
+(b) ``LoRAManager.apply_card`` / ``remove_card`` on MiniLM vs PEFT (``PeftModel.from_pretrained``,
+    ``inject_adapter_in_model`` + ``set_peft_model_state_dict``, ``unload``);
+(c) inference overhead of one applied, unmerged card vs the base model, PEFT beside it.
+
+Every benchmark also checks its result. A comparison PNG goes to docs/img/cards_bench.png.
+
+    python -m pytest benchmarks/bench_cards.py --benchmark-only -q \
+        --benchmark-json /tmp/aios-sections/cards.json
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from aios_fast.cards import LoRAFormat
+from aios_fast.lora import LoRALayer, LoRAManager
+from aios_fast.lora.random import linear_shapes, random_card
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+PNG = ROOT / "docs" / "img" / "cards_bench.png"
+SUMMARY = Path(os.environ.get("AIOS_CARDS_BENCH_SUMMARY", "/tmp/aios-sections/cards_summary.json"))
+RANK = 16
+TEXTS = [f"request number {i}: how do skill cards move between nodes in a federation?" for i in range(8)]
+
+RESULTS: dict[str, float] = {}  # benchmark name -> median seconds
+
+
+def _record(benchmark, name: str) -> None:
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:
+        RESULTS[name] = stats.stats.median
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def minilm():
+    from transformers import AutoModel
+
+    from aios_fast.bundled import minilm_dir
+
+    return AutoModel.from_pretrained(minilm_dir()).eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    from transformers import AutoTokenizer
+
+    from aios_fast.bundled import minilm_dir
+
+    return AutoTokenizer.from_pretrained(minilm_dir())(TEXTS, padding=True, return_tensors="pt")
+
+
+def _smollm2_shapes() -> dict[str, tuple[int, int]]:
+    """SmolLM2-135M's linear shapes from its GGUF config, built on the meta device (no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from aios_fast.bundled import smollm2_gguf
+
+    path = smollm2_gguf()
+    cfg = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(cfg)
+    return linear_shapes(skeleton)
+
+
+@pytest.fixture(scope="module")
+def card_files(tmp_path_factory, minilm):
+    """name -> (card, .lora.arrow path, .safetensors path) for MiniLM and SmolLM2."""
+    from safetensors.torch import save_file
+
+    d = tmp_path_factory.mktemp("cards")
+    out = {}
+    for label, shapes in (("minilm", linear_shapes(minilm)), ("smollm2", _smollm2_shapes())):
+        card = random_card(shapes, name=f"{label}-r{RANK}", rank=RANK, alpha=32, seed=1)
+        arrow = LoRAFormat.save(card, d / f"{label}.lora.arrow")
+        st = d / f"{label}.safetensors"
+        tensors = {}
+        for k in card.modules:
+            tensors[f"{k}.lora_A.weight"] = card.weights_A[k]
+            tensors[f"{k}.lora_B.weight"] = card.weights_B[k]
+        save_file(tensors, st)
+        out[label] = (card, arrow, st)
+    assert len(out["minilm"][0].modules) == 37 and len(out["smollm2"][0].modules) == 211
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report():
+    """After the module: ratios to a JSON summary and the comparison PNG."""
+    yield
+    if not RESULTS:
+        return
+    ratios = {}
+    for label in ("minilm", "smollm2"):
+        st = RESULTS.get(f"load-{label}-safetensors")
+        for v in ("verify", "noverify"):
+            ours = RESULTS.get(f"load-{label}-arrow-{v}")
+            if st and ours:
+                ratios[f"load {label} safetensors/arrow({v})"] = st / ours
+    for op, ours, peers in (("apply", "apply-aios", ("apply-peft-from_pretrained", "apply-peft-inject")),
+                            ("remove", "remove-aios", ("remove-peft-unload",))):
+        for p in peers:
+            if ours in RESULTS and p in RESULTS:
+                ratios[f"{op} {p}/aios"] = RESULTS[p] / RESULTS[ours]
+    base = RESULTS.get("infer-base")
+    for k in ("infer-aios-unmerged", "infer-aios-merged", "infer-peft-unmerged"):
+        if base and k in RESULTS:
+            ratios[f"overhead {k}"] = RESULTS[k] / base - 1.0
+    SUMMARY.parent.mkdir(parents=True, exist_ok=True)
+    SUMMARY.write_text(json.dumps({"median_s": RESULTS, "ratios": ratios}, indent=2))
+    _png(RESULTS)
+
+
+def _png(res: dict[str, float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("load, rank-16 card (ms)", [k for k in res if k.startswith("load-")]),
+        ("apply / remove on MiniLM (ms)", [k for k in res if k.startswith(("apply-", "remove-"))]),
+        ("MiniLM forward, 8 sentences (ms)", [k for k in res if k.startswith("infer-")]),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    for ax, (title, keys) in zip(axes, panels):
+        vals = [res[k] * 1e3 for k in keys]
+        colors = ["tab:blue" if ("aios" in k or "arrow" in k) else
+                  ("tab:gray" if "base" in k else "tab:orange") for k in keys]
+        ax.barh(keys, vals, color=colors)
+        for y, v in enumerate(vals):
+            ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
+        ax.set_title(title)
+        ax.invert_yaxis()
+    fig.suptitle("aios-fast skill cards (blue) vs safetensors / PEFT (orange); median of one run, "
+                 "2-core shared CPU VM")
+    fig.tight_layout()
+    PNG.parent.mkdir(parents=True, exist_ok=True)
+    tmp = PNG.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, PNG)
+
+
+# --------------------------------------------------------------------------- (a) load
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.parametrize("label", ["minilm", "smollm2"])
+@pytest.mark.parametrize("verify", [pytest.param(True, id="verify"), pytest.param(False, id="noverify")])
+def test_load_arrow(benchmark, card_files, label, verify):
+    card, arrow, _ = card_files[label]
+    benchmark.group = f"load-{label}"
+    loaded = benchmark(LoRAFormat.load, arrow, verify=verify)
+    assert loaded.equal(card)
+    _record(benchmark, f"load-{label}-arrow-{'verify' if verify else 'noverify'}")
+
+
+@pytest.mark.parametrize("label", ["minilm", "smollm2"])
+def test_load_safetensors(benchmark, card_files, label):
+    card, _, st = card_files[label]
+    benchmark.group = f"load-{label}"
+    tensors = benchmark(_read_safetensors, st)
+    assert len(tensors) == 2 * len(card.modules)
+    assert all(torch.equal(tensors[f"{k}.lora_A.weight"], card.weights_A[k]) and
+               torch.equal(tensors[f"{k}.lora_B.weight"], card.weights_B[k]) for k in card.modules)
+    _record(benchmark, f"load-{label}-safetensors")
+
+
+# --------------------------------------------------------------------------- (b) apply / remove
+@pytest.fixture(scope="module")
+def peft_dir(tmp_path_factory, card_files):
+    from aios_fast.interop.peft import to_peft
+
+    return to_peft(card_files["minilm"][0], tmp_path_factory.mktemp("peft") / "adapter")
+
+
+@pytest.fixture(scope="module")
+def expected_out(minilm, batch, card_files):
+    """MiniLM with W + scaling·B@A written into its weights: the reference output."""
+    card = card_files["minilm"][0]
+    ref = copy.deepcopy(minilm)
+    with torch.no_grad():
+        for k in card.modules:
+            ref.get_submodule(k).weight += card.delta(k)
+        return ref(**batch).last_hidden_state
+
+
+def _out(model, batch):
+    with torch.no_grad():
+        return model(**batch).last_hidden_state
+
+
+def test_apply_aios(benchmark, minilm, batch, card_files, expected_out):
+    card = card_files["minilm"][0]
+    model = copy.deepcopy(minilm)
+    mgr = LoRAManager(model)
+
+    def clean():
+        if mgr.list_cards():
+            mgr.remove_card(card.name)
+
+    benchmark.group = "apply-minilm"
+    benchmark.pedantic(mgr.apply_card, args=(card,), setup=clean, rounds=30, iterations=1, warmup_rounds=2)
+    torch.testing.assert_close(_out(model, batch), expected_out, atol=1e-5, rtol=0)
+    _record(benchmark, "apply-aios")
+    assert RESULTS.get("apply-aios", 0.0) < 0.5  # seed target: apply < 500 ms
+
+
+def test_apply_peft_from_pretrained(benchmark, minilm, batch, peft_dir, expected_out):
+    from peft import PeftModel
+
+    holder = {}
+
+    def fresh():
+        return (copy.deepcopy(minilm),), {}
+
+    def load(base):
+        holder["m"] = PeftModel.from_pretrained(base, peft_dir)
+
+    benchmark.group = "apply-minilm"
+    benchmark.pedantic(load, setup=fresh, rounds=10, iterations=1, warmup_rounds=1)
+    torch.testing.assert_close(_out(holder["m"].eval(), batch), expected_out, atol=1e-5, rtol=0)
+    _record(benchmark, "apply-peft-from_pretrained")
+
+
+def test_apply_peft_inject(benchmark, minilm, batch, peft_dir, expected_out):
+    """PEFT's low-level path with the adapter already in memory (like apply_card)."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    cfg = LoraConfig.from_pretrained(peft_dir)
+    sd = load_file(str(peft_dir / "adapter_model.safetensors"))
+    sd = {k.removeprefix("base_model.model."): v for k, v in sd.items()}
+    holder = {}
+
+    def fresh():
+        return (copy.deepcopy(minilm),), {}
+
+    def inject(base):
+        m = inject_adapter_in_model(cfg, base)
+        res = set_peft_model_state_dict(m, sd)
+        holder["m"], holder["res"] = m, res
+
+    benchmark.group = "apply-minilm"
+    benchmark.pedantic(inject, setup=fresh, rounds=10, iterations=1, warmup_rounds=1)
+    assert not holder["res"].unexpected_keys
+    torch.testing.assert_close(_out(holder["m"].eval(), batch), expected_out, atol=1e-5, rtol=0)
+    _record(benchmark, "apply-peft-inject")
+
+
+def test_remove_aios(benchmark, minilm, batch, card_files):
+    card = card_files["minilm"][0]
+    model = copy.deepcopy(minilm)
+    base = _out(model, batch)
+    mgr = LoRAManager(model)
+
+    def applied():
+        mgr.apply_card(card)
+
+    benchmark.group = "remove-minilm"
+    benchmark.pedantic(mgr.remove_card, args=(card.name,), setup=applied, rounds=30, iterations=1,
+                       warmup_rounds=2)
+    assert not any(isinstance(m, LoRALayer) for m in model.modules())
+    assert torch.equal(_out(model, batch), base)
+    _record(benchmark, "remove-aios")
+    assert RESULTS.get("remove-aios", 0.0) < 0.1  # seed target: remove < 100 ms
+
+
+def test_remove_peft_unload(benchmark, minilm, batch, peft_dir):
+    from peft import PeftModel
+
+    base = _out(minilm, batch)
+    holder = {}
+
+    def applied():
+        return (PeftModel.from_pretrained(copy.deepcopy(minilm), peft_dir),), {}
+
+    def unload(pm):
+        holder["m"] = pm.unload()
+
+    benchmark.group = "remove-minilm"
+    benchmark.pedantic(unload, setup=applied, rounds=10, iterations=1, warmup_rounds=1)
+    torch.testing.assert_close(_out(holder["m"], batch), base, atol=0, rtol=0)
+    _record(benchmark, "remove-peft-unload")
+
+
+# --------------------------------------------------------------------------- (c) inference
+@pytest.fixture(scope="module")
+def base_out(minilm, batch):
+    return _out(minilm, batch)
+
+
+def _bench_forward(benchmark, model, batch):
+    benchmark.group = "infer-minilm"
+    with torch.no_grad():
+        return benchmark.pedantic(lambda: model(**batch).last_hidden_state, rounds=40, iterations=3,
+                                  warmup_rounds=3)
+
+
+def test_infer_base(benchmark, minilm, batch, base_out):
+    out = _bench_forward(benchmark, minilm, batch)
+    assert torch.equal(out, base_out)
+    _record(benchmark, "infer-base")
+
+
+@pytest.mark.parametrize("merged", [pytest.param(False, id="unmerged"), pytest.param(True, id="merged")])
+def test_infer_aios(benchmark, minilm, batch, card_files, expected_out, merged):
+    model = copy.deepcopy(minilm)
+    mgr = LoRAManager(model)
+    mgr.apply_card(card_files["minilm"][0])
+    if merged:
+        mgr.merge()
+    out = _bench_forward(benchmark, model, batch)
+    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=0)
+    _record(benchmark, f"infer-aios-{'merged' if merged else 'unmerged'}")
+
+
+def test_infer_peft_unmerged(benchmark, minilm, batch, peft_dir, expected_out):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(copy.deepcopy(minilm), peft_dir).eval()
+    out = _bench_forward(benchmark, model, batch)
+    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=0)
+    _record(benchmark, "infer-peft-unmerged")

@@ -1,0 +1,284 @@
+"""Model weights to and from ArrowEngine's Parquet layout, plus one entry point for reading
+checkpoints of every kind the node meets.
+
+ArrowEngine's layout is a directory with
+
+* ``weights.parquet``: one row per tensor, columns ``layer_name`` (string), ``shape``
+  (list<int32>), ``dtype`` (string: ``float32``, ``float16``, ``bfloat16``, ``int64``...), ``data``
+  (binary, the tensor's C-order bytes; bfloat16 as its raw 2-byte words) and ``num_params`` (int64);
+* ``metadata.json``: ``{"model_info": {...}}`` with at least ``architecture``, ``num_params`` and
+  ``dtypes``, plus whatever the caller passes.
+
+Both files are written atomically (temporary file in the same directory, fsync, rename). Reading
+checks every row (known dtype, non-negative shape, ``num_params`` and byte length consistent with
+the shape) before building a tensor, so a corrupt or hostile file is refused with an error naming
+the file and the row, and nothing is allocated from an unchecked size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ._util import atomic_replace_from, atomic_write_bytes, temp_path_beside
+
+__all__ = ["ModelConverter", "DTYPES", "WEIGHTS_FILE", "METADATA_FILE"]
+
+WEIGHTS_FILE = "weights.parquet"
+METADATA_FILE = "metadata.json"
+COLUMNS = ("layer_name", "shape", "dtype", "data", "num_params")
+ROW_GROUP_BYTES = 64 << 20  # rows are grouped up to ~64 MiB so readers can stream by row group
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
+    "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("layer_name", pa.string()), ("shape", pa.list_(pa.int32())), ("dtype", pa.string()),
+        ("data", pa.binary()), ("num_params", pa.int64()),
+    ])
+
+
+def _state_dict_of(model_or_state_dict: Any) -> Mapping[str, torch.Tensor]:
+    if isinstance(model_or_state_dict, torch.nn.Module):
+        return model_or_state_dict.state_dict()
+    if isinstance(model_or_state_dict, Mapping):
+        bad = [k for k, v in model_or_state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad:
+            raise InputError(f"state dict entry {bad[0]!r} is not a str -> torch.Tensor pair")
+        return model_or_state_dict
+    raise InputError(f"expected an nn.Module or a dict of tensors, got {type(model_or_state_dict).__name__}")
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    # a uint8 view of the contiguous tensor is its exact C-order bytes, for bfloat16 too
+    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _model_info(model_or_state_dict: Any, sd: Mapping[str, torch.Tensor], extra: Mapping | None) -> dict:
+    info: dict[str, Any] = {}
+    config = getattr(model_or_state_dict, "config", None)
+    if isinstance(model_or_state_dict, torch.nn.Module):
+        arch = (getattr(config, "architectures", None) or [type(model_or_state_dict).__name__])[0]
+        info["architecture"] = arch
+        if config is not None and hasattr(config, "to_dict"):
+            info["model_type"] = getattr(config, "model_type", None)
+            info["config"] = json.loads(json.dumps(config.to_dict(), default=str))
+    else:
+        info["architecture"] = "unknown"
+    info["num_params"] = int(sum(t.numel() for t in sd.values()))
+    info["num_tensors"] = len(sd)
+    info["dtypes"] = sorted({_NAMES.get(t.dtype, str(t.dtype)) for t in sd.values()})
+    if extra:
+        info.update(dict(extra))
+    return info
+
+
+def decode_row(name: str, shape: list | None, dtype: str | None, data: bytes | None,
+               num_params: int | None, where: str) -> torch.Tensor:
+    """Validate one Parquet row and rebuild its tensor (a private copy, writable)."""
+    if not isinstance(name, str) or not name:
+        raise InputError(f"{where}: layer_name is empty or null")
+    if dtype not in DTYPES:
+        raise InputError(f"{where} ({name}): dtype {dtype!r} is unknown; expected one of {list(DTYPES)}")
+    if shape is None or any(d is None or d < 0 for d in shape):
+        raise InputError(f"{where} ({name}): shape {shape!r} must be a list of non-negative ints")
+    numel = math.prod(shape)  # Python ints: no overflow on hostile shapes
+    if num_params is not None and num_params != numel:
+        raise InputError(f"{where} ({name}): num_params {num_params} != product of shape {shape} ({numel})")
+    if data is None:
+        raise InputError(f"{where} ({name}): data is null")
+    itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    if len(data) != numel * itemsize:
+        raise InputError(f"{where} ({name}): data has {len(data)} bytes, but shape {shape} x {dtype} "
+                         f"needs {numel * itemsize}")
+    raw = np.frombuffer(data, dtype=np.uint8).copy()
+    return torch.from_numpy(raw).view(DTYPES[dtype]).reshape(shape)
+
+
+def _check_schema(pf, path: Path) -> None:
+    import pyarrow as pa
+
+    names = pf.schema_arrow.names
+    missing = [c for c in COLUMNS if c not in names]
+    if missing:
+        raise InputError(f"{path} lacks column(s) {missing}; ArrowEngine's layout has {list(COLUMNS)}")
+    want = {"layer_name": (pa.types.is_string, pa.types.is_large_string),
+            "dtype": (pa.types.is_string, pa.types.is_large_string),
+            "data": (pa.types.is_binary, pa.types.is_large_binary),
+            "num_params": (pa.types.is_integer,),
+            "shape": (pa.types.is_list, pa.types.is_large_list)}
+    for col, checks in want.items():
+        typ = pf.schema_arrow.field(col).type
+        if not any(c(typ) for c in checks):
+            raise InputError(f"{path}: column {col!r} has type {typ}, expected {_schema().field(col).type}")
+
+
+def open_weights(path: Path):
+    """The ``weights.parquet`` of ``path`` (a directory or the file) as a checked ParquetFile."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    file = path / WEIGHTS_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise InputError(f"{file} does not exist; an ArrowEngine weights directory holds {WEIGHTS_FILE}")
+    try:
+        pf = pq.ParquetFile(file)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{file} is not a readable Parquet file: {exc}") from exc
+    _check_schema(pf, file)
+    return pf, file
+
+
+def iter_parquet(path: Path, names=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) row group by row group; ``names`` (a set or a predicate) filters rows
+    before their bytes are decoded, and row groups holding no wanted row are never read."""
+    import pyarrow as pa
+
+    pf, file = open_weights(path)
+    keep = names if callable(names) or names is None else set(names).__contains__
+    seen: set[str] = set()
+    row = 0
+    for g in range(pf.num_row_groups):
+        try:
+            layer_names = pf.read_row_group(g, columns=["layer_name"]).column(0).to_pylist()
+            wanted = [i for i, n in enumerate(layer_names) if keep is None or keep(n)]
+            if not wanted:
+                row += len(layer_names)
+                continue
+            table = pf.read_row_group(g, columns=list(COLUMNS))
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"{file}: row group {g} is unreadable: {exc}") from exc
+        cols = {c: table.column(c) for c in COLUMNS}
+        for i in wanted:
+            name = layer_names[i]
+            if name in seen:
+                raise InputError(f"{file} row {row + i}: layer_name {name!r} appears twice")
+            seen.add(name)
+            data = cols["data"][i].as_py()
+            tensor = decode_row(name, cols["shape"][i].as_py(), cols["dtype"][i].as_py(), data,
+                                cols["num_params"][i].as_py(), f"{file} row {row + i}")
+            yield name, tensor
+        row += len(layer_names)
+
+
+def parquet_names(path: Path) -> list[str]:
+    pf, _ = open_weights(path)
+    return pf.read(columns=["layer_name"]).column(0).to_pylist()
+
+
+class ModelConverter:
+    """Writes and reads ArrowEngine's Parquet weight layout; reads other checkpoints too."""
+
+    @staticmethod
+    def to_parquet(model_or_state_dict: Any, out_dir: str | Path, model_info: Mapping | None = None) -> Path:
+        """Write every tensor of a model (its ``state_dict()``) or of a state dict to ``out_dir``.
+
+        Returns ``out_dir``. ``model_info`` entries are merged into ``metadata.json``'s
+        ``model_info`` (they win over the computed ``architecture``/``num_params``/``dtypes``).
+        """
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        sd = _state_dict_of(model_or_state_dict)
+        if model_info is not None and not isinstance(model_info, Mapping):
+            raise InputError(f"model_info must be a dict, got {type(model_info).__name__}")
+        for name, t in sd.items():
+            if t.dtype not in _NAMES:
+                raise InputError(f"tensor {name!r} has dtype {t.dtype}, not one of {list(DTYPES)}")
+            if any(d > 2**31 - 1 for d in t.shape):
+                raise InputError(f"tensor {name!r} has a dimension beyond int32: {tuple(t.shape)}")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        info = _model_info(model_or_state_dict, sd, model_info)
+        try:
+            meta = json.dumps({"model_info": info}, indent=2, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"model_info is not JSON-serialisable: {exc}") from exc
+
+        final = out / WEIGHTS_FILE
+        tmp = temp_path_beside(final)
+        schema = _schema()
+        try:
+            # uncompressed: float weights barely compress, and readers should not pay to inflate
+            with pq.ParquetWriter(tmp, schema, compression="none") as writer:
+                rows: dict[str, list] = {c: [] for c in COLUMNS}
+                size = 0
+
+                def flush() -> None:
+                    nonlocal rows, size
+                    if rows["layer_name"]:
+                        writer.write_table(pa.table(rows, schema=schema), row_group_size=len(rows["layer_name"]))
+                    rows, size = {c: [] for c in COLUMNS}, 0
+
+                for name, t in sd.items():
+                    data = _tensor_bytes(t)
+                    if size and size + len(data) > ROW_GROUP_BYTES:
+                        flush()
+                    rows["layer_name"].append(name)
+                    rows["shape"].append([int(d) for d in t.shape])
+                    rows["dtype"].append(_NAMES[t.dtype])
+                    rows["data"].append(data)
+                    rows["num_params"].append(int(t.numel()))
+                    size += len(data)
+                flush()
+            atomic_replace_from(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        atomic_write_bytes(out / METADATA_FILE, meta.encode("utf-8"))
+        return out
+
+    @staticmethod
+    def from_parquet(path: str | Path) -> dict[str, torch.Tensor]:
+        """Read an ArrowEngine weights directory (or its ``weights.parquet``) back, exactly."""
+        return dict(iter_parquet(Path(path)))
+
+    @staticmethod
+    def read_metadata(path: str | Path) -> dict:
+        """``metadata.json`` of a weights directory."""
+        file = Path(path) / METADATA_FILE
+        if not file.is_file():
+            raise InputError(f"{file} does not exist")
+        try:
+            meta = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"{file} is not readable JSON: {exc}") from exc
+        if not isinstance(meta, dict) or not isinstance(meta.get("model_info"), dict):
+            raise InputError(f"{file} has no 'model_info' object")
+        return meta
+
+    @staticmethod
+    def load_state_dict(path: str | Path, include=None) -> dict[str, torch.Tensor]:
+        """All (or the ``include``d) tensors of a checkpoint, see :func:`checkpoints.load_state_dict`."""
+        from .checkpoints import load_state_dict
+
+        return load_state_dict(path, include=include)
+
+    @staticmethod
+    def iter_tensors(path: str | Path, names=None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Stream (name, tensor) pairs of a checkpoint, see :func:`checkpoints.iter_tensors`."""
+        from .checkpoints import iter_tensors
+
+        return iter_tensors(path, names=names)
+
+    @staticmethod
+    def list_tensors(path: str | Path) -> list[str]:
+        """Tensor names of a checkpoint, without reading tensor data."""
+        from .checkpoints import list_tensors
+
+        return list_tensors(path)

@@ -1,0 +1,1 @@
+"""Bridges between skill cards and other adapter formats (``peft``)."""

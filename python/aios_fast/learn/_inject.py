@@ -1,0 +1,164 @@
+"""Training-time LoRA injection: trainable A, B beside frozen ``nn.Linear`` layers.
+
+``y = base(x) + scaling · (x Aᵀ) Bᵀ`` (Hu et al. 2021, "LoRA"), PEFT's orientation: A (r, in),
+B (out, r). Init ``"default"`` is PEFT's: A Kaiming-uniform (a=√5), B zeros, so training starts at
+the base model. Init ``"pissa"`` (Meng et al. 2024, "PiSSA: Principal Singular values and Singular
+vectors Adaptation") starts A, B at the principal factors of W and trains on the residual
+``W_res = W − scaling·B₀A₀`` kept in the base during training.
+
+:func:`injected` swaps the layers in and, on exit (also on error), swaps the original modules
+back and copies the saved original weights into place, so the base model is bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CardMismatchError, InputError
+
+__all__ = ["LoRALinear", "resolve_targets", "init_factors", "injected", "DEFAULT_TARGETS"]
+
+# what PEFT targets by default for these families: attention query and value projections
+DEFAULT_TARGETS = ("query", "value", "q_proj", "v_proj", "q_lin", "v_lin")
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Parameter(A)
+        self.lora_B = nn.Parameter(B)
+        self.scaling = float(scaling)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # scale the rank-r intermediate, not the (.., out) result: r << out, so it is cheaper
+        return self.base(x) + F.linear(F.linear(x, self.lora_A.to(x.dtype)) * self.scaling,
+                                       self.lora_B.to(x.dtype))
+
+
+def resolve_targets(model: nn.Module, target_modules: Sequence[str] | str | None) -> list[str]:
+    """Module keys of the ``nn.Linear`` layers to adapt.
+
+    ``None``: every Linear whose last name part is in :data:`DEFAULT_TARGETS`. A list: entries
+    match a full key or its last part(s) (``"query"`` matches ``encoder.layer.0.attention.self.query``).
+    A string: a regular expression matched (``re.fullmatch``) against full keys.
+    """
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if target_modules is None:
+        keys = [n for n in linears if n.rsplit(".", 1)[-1] in DEFAULT_TARGETS]
+        what = f"default targets {DEFAULT_TARGETS}"
+    elif isinstance(target_modules, str):
+        rx = re.compile(target_modules)
+        keys = [n for n in linears if rx.fullmatch(n)]
+        what = f"regex {target_modules!r}"
+    else:
+        wanted = list(target_modules)
+        if not wanted or not all(isinstance(t, str) and t for t in wanted):
+            raise InputError(f"target_modules must be non-empty strings, got {target_modules!r}")
+        keys = [n for n in linears if any(n == t or n.endswith("." + t) for t in wanted)]
+        missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in keys)]
+        if missing:
+            raise CardMismatchError(f"target_modules {missing} match no nn.Linear of "
+                                    f"{type(model).__name__}; some Linear keys: {sorted(linears)[:6]}")
+        what = f"target_modules {wanted}"
+    if not keys:
+        raise CardMismatchError(f"{what} match no nn.Linear of {type(model).__name__}; "
+                                f"some Linear keys: {sorted(linears)[:6]}")
+    return sorted(keys)
+
+
+def _principal_factors(W: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A0, B0) with B0 @ A0 = the best rank-r approximation of W, split as √S on both sides.
+    Uses ``LoRAExtractor.extract`` when that module is present, else ``torch.linalg.svd``."""
+    try:
+        from ..extract import LoRAExtractor  # helper D's extractor, when built
+
+        out = LoRAExtractor().extract(W, rank)
+        A0, B0 = out[0].to(torch.float32), out[1].to(torch.float32)
+        if A0.shape == (rank, W.shape[1]) and B0.shape == (W.shape[0], rank):
+            return A0, B0
+    except (ImportError, AttributeError, TypeError):
+        pass
+    U, S, Vh = torch.linalg.svd(W.to(torch.float64), full_matrices=False)
+    sq = S[:rank].sqrt()
+    return (sq[:, None] * Vh[:rank]).to(torch.float32), (U[:, :rank] * sq).to(torch.float32)
+
+
+def init_factors(model: nn.Module, keys: Sequence[str], rank: int, scaling: float, init: str,
+                 generator: torch.Generator) -> tuple[dict, dict, dict]:
+    """Initial (A, B) per key on CPU float32, and for PiSSA the residual weights ``W − s·B₀A₀``.
+
+    For PiSSA the factors are divided by √scaling so that ``scaling·B₀A₀`` is exactly the
+    principal part of W (as PEFT's ``pissa_init`` does) whatever alpha is.
+    """
+    mods = dict(model.named_modules())
+    A, B, residual = {}, {}, {}
+    for k in keys:
+        lin = mods[k]
+        out_f, in_f = lin.weight.shape
+        if rank > min(out_f, in_f):
+            raise InputError(f"rank {rank} exceeds min(out, in) = {min(out_f, in_f)} of {k}")
+        if init == "default":
+            a = torch.empty(rank, in_f)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            A[k], B[k] = a, torch.zeros(out_f, rank)
+        elif init == "pissa":
+            W = lin.weight.detach().to("cpu", torch.float32)
+            a0, b0 = _principal_factors(W, rank)
+            a0, b0 = a0 / math.sqrt(scaling), b0 / math.sqrt(scaling)
+            A[k], B[k] = a0, b0
+            residual[k] = W - scaling * (b0 @ a0)
+        else:
+            raise InputError(f"init must be 'default' or 'pissa', got {init!r}")
+    return A, B, residual
+
+
+@contextmanager
+def injected(model: nn.Module, A: dict, B: dict, scaling: float, residual: dict | None = None,
+             train: bool = True) -> Iterator[dict[str, LoRALinear]]:
+    """Swap :class:`LoRALinear` layers (A, B as given, made trainable parameters on the model's
+    device) into ``model``; freeze every other parameter. Restores modules, weights,
+    ``requires_grad`` flags and train/eval mode on exit."""
+    mods = dict(model.named_modules())
+    was_training = model.training
+    grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    saved_weights: dict[str, torch.Tensor] = {}
+    swapped: dict[str, tuple[nn.Module, str, nn.Linear]] = {}
+    layers: dict[str, LoRALinear] = {}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for k in A:
+            lin = mods[k]
+            w = lin.weight
+            if residual and k in residual:
+                saved_weights[k] = w.detach().clone()
+                with torch.no_grad():
+                    w.copy_(residual[k].to(w.device, w.dtype))
+            parent_name, _, attr = k.rpartition(".")
+            parent = mods[parent_name] if parent_name else model
+            layer = LoRALinear(lin, A[k].to(w.device, torch.float32).clone(),
+                               B[k].to(w.device, torch.float32).clone(), scaling)
+            setattr(parent, attr, layer)
+            swapped[k] = (parent, attr, lin)
+            layers[k] = layer
+        model.train(train)
+        yield layers
+    finally:
+        for k, (parent, attr, lin) in swapped.items():
+            setattr(parent, attr, lin)
+        with torch.no_grad():
+            for k, w in saved_weights.items():
+                mods[k].weight.copy_(w)
+        for n, p in model.named_parameters():
+            p.requires_grad_(grad_flags.get(n, p.requires_grad))
+        model.train(was_training)

@@ -1,0 +1,295 @@
+"""LoRATrainer: turn (question, answer) pairs into a LoRA skill card.
+
+Objectives:
+- ``"contrastive"`` (encoders): in-batch negatives over (question, answer) pairs, cosine
+  similarity × ``scale`` (20) then cross-entropy against the diagonal - the
+  MultipleNegativesRankingLoss of sentence-transformers (Henderson et al. 2017, "Efficient
+  Natural Language Response Suggestion"), with the engine's own (mean) pooling.
+- ``"sft"`` (causal LMs): next-token cross-entropy on the answer tokens only; the chat-templated
+  prompt and the padding are masked with -100.
+
+PiSSA cards: training runs on ``W_res = W − s·B₀A₀`` with trainable factors starting at
+(A₀, B₀). Applied to the ORIGINAL base the card must give ``W_res + s·B_tA_t = W + s·(B_tA_t −
+B₀A₀)``, a delta of rank ≤ 2r, so it is published exactly as a rank-2r card
+``B' = [B_t, −B₀]``, ``A' = [A_t; A₀]`` with alpha 2·alpha (the scaling alpha/r is unchanged).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError, TrainingDivergedError
+from ._engine import as_engine, as_pairs
+from ._inject import init_factors, injected, resolve_targets
+
+__all__ = ["LoRATrainer", "TrainConfig", "TrainingReport"]
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (validated on construction)."""
+
+    objective: str = "contrastive"
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: Sequence[str] | str | None = None
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 16
+    init: str = "default"
+    seed: int = 0
+    scale: float = 20.0           # contrastive: cosine -> logits multiplier
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    explode_factor: float = 3.0   # loss > factor·(mean earlier loss) + explode_margin: divergence
+    explode_margin: float = 1.0
+
+    def __post_init__(self) -> None:
+        def check(name, ok, want):
+            if not ok:
+                raise InputError(f"{name}: expected {want}, got {getattr(self, name)!r}")
+        check("objective", self.objective in ("contrastive", "sft"), "'contrastive' or 'sft'")
+        check("rank", isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0, "an int > 0")
+        check("alpha", isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0, "a finite number > 0")
+        check("epochs", isinstance(self.epochs, int) and self.epochs > 0, "an int > 0")
+        check("lr", isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0, "a finite number > 0")
+        check("batch_size", isinstance(self.batch_size, int) and self.batch_size > 0, "an int > 0")
+        check("init", self.init in ("default", "pissa"), "'default' or 'pissa'")
+        check("seed", isinstance(self.seed, int), "an int")
+        check("scale", self.scale > 0, "> 0")
+        check("explode_factor", self.explode_factor > 1, "> 1")
+
+    @property
+    def scaling(self) -> float:
+        return float(self.alpha) / self.rank
+
+
+@dataclass
+class TrainingReport:
+    """What happened in a run: per-step losses, throughput, time, device, steps."""
+
+    objective: str
+    device: str
+    steps: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+    samples_per_sec: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    target_modules: list[str] = field(default_factory=list)
+    diverged: bool = False
+    reason: str = ""
+
+    @property
+    def final_loss(self) -> float:
+        return float("nan") if not self.losses else float(sum(self.losses[-5:]) / len(self.losses[-5:]))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["final_loss"] = self.final_loss
+        return d
+
+    def save_png(self, path: str | Path) -> Path:
+        """Loss curve (per step) as a PNG, written atomically."""
+        import os
+
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(range(1, len(self.losses) + 1), self.losses, lw=1.5)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{self.objective} loss")
+        ax.set_title(f"LoRA training ({self.samples_per_sec:.1f} samples/s on {self.device})")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+
+class LoRATrainer:
+    """Trains LoRA skills on a ``SentenceEncoder``, a ``CausalLM`` or a ``(model, tokenizer)``.
+
+    The base model is never left modified: adapters are injected for the run only and the
+    original modules and weights restored bit-for-bit afterwards (also on error).
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.view = as_engine(engine)
+
+    @property
+    def model(self):
+        return self.view.model
+
+    def train(self, pairs: Any, objective: str | None = None, rank: int = 8, alpha: float = 16.0,
+              target_modules: Sequence[str] | str | None = None, epochs: int = 3, lr: float = 1e-3,
+              batch_size: int = 16, init: str = "default", seed: int = 0, device: str | None = None,
+              name: str = "skill", progress: bool = True,
+              on_trained: Callable[[torch.nn.Module], None] | None = None, **options: Any):
+        """Train and return ``(LoRACard, TrainingReport)``.
+
+        Args:
+            pairs: (question, answer) tuples, mappings with query/answer, or a QALogger table.
+            objective: "contrastive" (default for encoders) or "sft" (default for causal LMs).
+            rank, alpha: LoRA rank and alpha (ΔW = alpha/rank · B @ A).
+            target_modules: keys, key suffixes or a regex; None = attention query/value layers.
+            epochs, lr, batch_size, seed: optimisation (AdamW); same seed on CPU -> same card.
+            init: "default" (PEFT: A Kaiming-uniform, B = 0) or "pissa" (principal factors).
+            device: move the model there for training (it is moved back afterwards).
+            on_trained: called with the model while the trained adapters are still in place
+                (eval mode), e.g. to record the training-time outputs.
+            options: further :class:`TrainConfig` fields (scale, weight_decay, max_grad_norm, ...).
+        Raises:
+            TrainingDivergedError: NaN/inf or exploding loss; ``exc.report`` holds the report.
+        """
+        view = self.view
+        cfg = TrainConfig(objective=objective or ("sft" if view.kind == "causal" else "contrastive"),
+                          rank=rank, alpha=alpha, target_modules=target_modules, epochs=epochs, lr=lr,
+                          batch_size=batch_size, init=init, seed=seed, **options)
+        if cfg.objective == "contrastive" and view.kind != "encoder":
+            raise InputError("objective 'contrastive' needs an encoder; use 'sft' for a causal LM")
+        if cfg.objective == "sft" and view.kind != "causal":
+            raise InputError("objective 'sft' needs a causal LM; use 'contrastive' for an encoder")
+        data = as_pairs(pairs)
+        if len(data) < 2:
+            raise InputError(f"pairs: need at least 2 pairs, got {len(data)}")
+        model = view.model
+        home = view.device
+        dev = torch.device(device) if device else home
+        keys = resolve_targets(model, cfg.target_modules)
+        from ..cards import fingerprint_model
+
+        fingerprint = fingerprint_model(model)
+        report = TrainingReport(objective=cfg.objective, device=str(dev), config=_jsonable(cfg),
+                                target_modules=keys)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)
+            gen = torch.Generator().manual_seed(cfg.seed)
+            A0, B0, residual = init_factors(model, keys, cfg.rank, cfg.scaling, cfg.init, gen)
+            if dev != home:
+                model.to(dev)
+            try:
+                with injected(model, A0, B0, cfg.scaling, residual, train=True) as layers:
+                    self._loop(cfg, data, layers, gen, report)
+                    model.eval()
+                    A = {k: l.lora_A.detach().to("cpu", torch.float32).clone() for k, l in layers.items()}
+                    B = {k: l.lora_B.detach().to("cpu", torch.float32).clone() for k, l in layers.items()}
+                    if on_trained is not None:
+                        with torch.no_grad():
+                            on_trained(model)
+            finally:
+                if dev != home:
+                    model.to(home)
+        return self._card(cfg, name, A, B, A0, B0, report, fingerprint), report
+
+    # ------------------------------------------------------------------ internals
+    def _loss(self, cfg: TrainConfig, batch: list[tuple[str, str]]) -> torch.Tensor:
+        view = self.view
+        if cfg.objective == "contrastive":
+            q = F.normalize(view.embed_texts([p[0] for p in batch]), dim=-1)
+            a = F.normalize(view.embed_texts([p[1] for p in batch]), dim=-1)
+            logits = (q @ a.T) * cfg.scale
+            return F.cross_entropy(logits.float(), torch.arange(len(batch), device=logits.device))
+        nll, n = view.token_nll(view.sft_batch(batch))
+        return nll / n.clamp_min(1)
+
+    def _loop(self, cfg, data, layers, gen, report: TrainingReport) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        params = [p for l in layers.values() for p in (l.lora_A, l.lora_B)]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        bs = min(cfg.batch_size, len(data))
+        per_epoch = len(data) // bs  # drop the ragged last batch: in-batch negatives need size
+        total = per_epoch * cfg.epochs
+        running = 0.0  # sum of the losses so far: their mean is the reference for "exploding"
+        t0 = time.perf_counter()
+        with Progress(TextColumn("[bold]train[/] {task.description}"), BarColumn(),
+                      TextColumn("{task.completed}/{task.total} steps"), TimeRemainingColumn(),
+                      transient=True, disable=not _interactive()) as bar:
+            task = bar.add_task(f"{cfg.objective} r={cfg.rank}", total=total)
+            for _epoch in range(cfg.epochs):
+                order = torch.randperm(len(data), generator=gen).tolist()
+                for s in range(per_epoch):
+                    batch = [data[i] for i in order[s * bs:(s + 1) * bs]]
+                    loss = self._loss(cfg, batch)
+                    value = float(loss.detach())
+                    step = len(report.losses)
+                    report.losses.append(value)
+                    why = None
+                    ref = running / step if step else None
+                    if not math.isfinite(value):
+                        why = f"loss is {value} at step {step + 1}"
+                    elif ref is not None and value > cfg.explode_factor * ref + cfg.explode_margin:
+                        why = (f"loss exploded to {value:.4g} at step {step + 1} "
+                               f"(mean so far {ref:.4g}); lower lr (now {cfg.lr:g})")
+                    running += value
+                    if why is None:
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        limit = cfg.max_grad_norm if cfg.max_grad_norm else float("inf")
+                        gnorm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+                        if not math.isfinite(gnorm):
+                            why = f"gradient norm is {gnorm} at step {len(report.losses)}"
+                    if why is not None:
+                        self._finish(report, t0, len(report.losses) - 1, bs)
+                        report.diverged, report.reason = True, why
+                        err = TrainingDivergedError(f"training diverged: {why}; no card was made")
+                        err.report = report
+                        raise err
+                    opt.step()
+                    bar.advance(task)
+        self._finish(report, t0, total, bs)
+
+    @staticmethod
+    def _finish(report: TrainingReport, t0: float, steps: int, bs: int) -> None:
+        report.seconds = time.perf_counter() - t0
+        report.steps = steps
+        report.samples = steps * bs
+        report.samples_per_sec = report.samples / report.seconds if report.seconds > 0 else 0.0
+
+    def _card(self, cfg, name, A, B, A0, B0, report, fingerprint):
+        from ..cards import LoRACard
+
+        alpha = float(cfg.alpha)
+        rank = cfg.rank
+        if cfg.init == "pissa":  # publish the exact delta on the original base, rank 2r
+            A = {k: torch.cat([A[k], A0[k]], 0).contiguous() for k in A}
+            B = {k: torch.cat([B[k], -B0[k]], 1).contiguous() for k in B}
+            rank, alpha = 2 * cfg.rank, 2 * alpha
+        meta = {
+            "description": f"LoRA skill trained by aios-fast ({cfg.objective}, init {cfg.init})",
+            "source": "aios_fast.learn.LoRATrainer",
+            "objective": cfg.objective, "init": cfg.init, "trained_rank": str(cfg.rank),
+            "epochs": str(cfg.epochs), "lr": repr(float(cfg.lr)), "seed": str(cfg.seed),
+            "steps": str(report.steps), "final_loss": repr(report.final_loss),
+            "base_model": type(self.view.model).__name__,
+        }
+        return LoRACard(name=name, rank=rank, alpha=alpha, target_modules=sorted(A), weights_A=A,
+                        weights_B=B, metadata=meta, naming="hf", base_fingerprint=fingerprint)
+
+
+def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    if d["target_modules"] is not None and not isinstance(d["target_modules"], str):
+        d["target_modules"] = list(d["target_modules"])
+    return d
+
+
+def _interactive() -> bool:
+    import sys
+
+    return sys.stderr.isatty()

@@ -1,0 +1,6 @@
+"""LoRA adapters on live torch models: the per-layer wrapper and :class:`LoRAManager`."""
+
+from .layer import LoRALayer, dispatch_conv1d, dispatch_linear
+from .manager import LoRAManager
+
+__all__ = ["LoRAManager", "LoRALayer", "dispatch_linear", "dispatch_conv1d"]

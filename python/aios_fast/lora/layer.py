@@ -1,0 +1,292 @@
+"""A LoRA wrapper around one linear-like layer, holding several named adapters.
+
+Follows the vocabulary of PEFT's ``tuners/lora`` (Hu et al., 2021, "LoRA: Low-Rank Adaptation
+of Large Language Models", arXiv:2106.09685): ``lora_A`` has shape ``(r, in_features)``,
+``lora_B`` ``(out_features, r)``, ``scaling = alpha / r`` and ``ΔW = scaling · B @ A``.
+
+The wrapper computes ``base(x) + Σ weight · scaling · ((x @ Aᵀ) @ Bᵀ)`` without ever forming
+``ΔW`` (two thin matmuls cost ``r·(in+out)`` per token instead of ``in·out``).
+
+Which layers can be wrapped is decided by a chain of ``dispatch_<kind>`` functions tried in
+order (first match wins), as in PEFT: :func:`dispatch_linear` (``nn.Linear`` and subclasses),
+then :func:`dispatch_conv1d` (transformers' GPT-2 ``Conv1D``, whose weight is stored
+``(in, out)``: the transpose is handled at merge time, the forward formula is unchanged).
+
+Thread safety: the adapter table is copy-on-write (every change builds a new dict and swaps
+it in one assignment), so a forward running in another thread always iterates one consistent
+snapshot. Which *scoped* adapters a forward uses comes from a :class:`contextvars.ContextVar`
+(:data:`ACTIVE_SCOPED`), so each thread (or asyncio task) sees only the cards it entered.
+Merging changes the shared base weight in place and is therefore *not* safe while other
+threads run the model; do it between requests.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import CardMismatchError
+
+__all__ = [
+    "ACTIVE_SCOPED",
+    "Adapter",
+    "LayerGeometry",
+    "LoRALayer",
+    "DISPATCHERS",
+    "dispatch_linear",
+    "dispatch_conv1d",
+    "geometry_of",
+    "supported_types",
+]
+
+#: Scoped adapters active in the current thread / task: adapter name -> weight.
+#: Read by :meth:`LoRALayer.forward`; set by :meth:`aios_fast.lora.LoRAManager.applied`.
+ACTIVE_SCOPED: contextvars.ContextVar[Mapping[str, float]] = contextvars.ContextVar(
+    "aios_fast_lora_active_scoped", default={})
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """How to adapt one layer: its feature sizes and whether its weight is stored (in, out)."""
+
+    in_features: int
+    out_features: int
+    fan_in_fan_out: bool = False  # True for GPT-2 Conv1D: weight is (in, out)
+    kind: str = "linear"
+
+
+def dispatch_linear(module: nn.Module) -> LayerGeometry | None:
+    """``nn.Linear`` (and subclasses): weight ``(out, in)``."""
+    if isinstance(module, nn.Linear):
+        return LayerGeometry(module.in_features, module.out_features, False, "linear")
+    return None
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional for plain torch models
+        return None
+    return Conv1D
+
+
+def dispatch_conv1d(module: nn.Module) -> LayerGeometry | None:
+    """transformers' GPT-2 ``Conv1D``: weight ``(in, out)`` = ``(nx, nf)``."""
+    conv1d = _conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        nx, nf = module.weight.shape
+        return LayerGeometry(int(nx), int(nf), True, "conv1d")
+    return None
+
+
+#: The dispatch chain, tried in order; the first function returning a geometry wins.
+DISPATCHERS: list[Callable[[nn.Module], LayerGeometry | None]] = [dispatch_linear, dispatch_conv1d]
+
+
+def supported_types() -> list[str]:
+    """Names of the layer types the dispatch chain accepts (for error messages)."""
+    names = ["torch.nn.Linear"]
+    if _conv1d_type() is not None:
+        names.append("transformers.pytorch_utils.Conv1D")
+    return names
+
+
+def geometry_of(module: nn.Module, name: str = "") -> LayerGeometry:
+    """Run the dispatch chain on ``module``; raise :class:`CardMismatchError` listing the
+    supported types when no dispatcher accepts it."""
+    if isinstance(module, LoRALayer):
+        return module.geometry
+    for dispatch in DISPATCHERS:
+        geo = dispatch(module)
+        if geo is not None:
+            return geo
+    raise CardMismatchError(
+        f"module {name or '<root>'!r} is a {type(module).__module__}.{type(module).__qualname__}, "
+        f"which LoRA cannot adapt; supported types: {', '.join(supported_types())}")
+
+
+@dataclass
+class Adapter:
+    """One named adapter in a layer. ``A`` (r, in) and ``B`` (out, r) live on the base layer's
+    device and dtype. ``weight`` is the global mixing weight; ``None`` marks a scoped adapter,
+    whose weight comes from :data:`ACTIVE_SCOPED` at forward time."""
+
+    name: str
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+    weight: float | None = 1.0
+    merged: bool = False
+    # B pre-multiplied by weight·scaling for global adapters (saves one op per forward).
+    _B_scaled: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def scoped(self) -> bool:
+        return self.weight is None
+
+    def b_scaled(self) -> torch.Tensor:
+        if self._B_scaled is None:
+            self._B_scaled = (self.B * (self.weight * self.scaling)).contiguous()
+        return self._B_scaled
+
+    def delta_weight(self, weight: float) -> torch.Tensor:
+        """``weight · scaling · B @ A`` in float32, shape (out, in)."""
+        return (self.B.float() @ self.A.float()) * (weight * self.scaling)
+
+    def moved(self, device: torch.device, dtype: torch.dtype) -> "Adapter":
+        return Adapter(self.name, self.A.to(device=device, dtype=dtype).contiguous(),
+                       self.B.to(device=device, dtype=dtype).contiguous(),
+                       self.scaling, self.weight, self.merged)
+
+
+class LoRALayer(nn.Module):
+    """Wraps ``base_layer`` (kept as a child, so its parameters move with the model) and adds
+    the active adapters' low-rank updates to its output.
+
+    Args:
+        base_layer: the module being adapted (``nn.Linear`` or ``Conv1D``).
+        geometry: what :func:`geometry_of` returned for it.
+        exact_unmerge: keep an exact copy of the base weight while any adapter is merged, so
+            that unmerging restores it bit for bit (one extra weight-sized tensor per merged
+            layer). With ``False`` unmerge subtracts the delta again (float round-off remains:
+            about 1e-7 relative in float32, more in half precision).
+    """
+
+    def __init__(self, base_layer: nn.Module, geometry: LayerGeometry, exact_unmerge: bool = True):
+        super().__init__()
+        self.base_layer = base_layer
+        self.geometry = geometry
+        self.exact_unmerge = exact_unmerge
+        self._adapters: dict[str, Adapter] = {}
+        self._base_copy: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ table
+    @property
+    def adapters(self) -> Mapping[str, Adapter]:
+        """The current adapter table (a snapshot; do not mutate)."""
+        return self._adapters
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def _target(self) -> tuple[torch.device, torch.dtype]:
+        w = self.base_layer.weight
+        return w.device, w.dtype
+
+    def add_adapter(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float,
+                    weight: float | None = 1.0) -> None:
+        """Register adapter ``name``; ``A`` and ``B`` are converted to the base weight's device
+        and dtype (no copy when they already match). ``weight=None`` makes it scoped."""
+        geo = self.geometry
+        r = A.shape[0]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != geo.in_features or B.shape != (geo.out_features, r):
+            raise CardMismatchError(
+                f"adapter {name!r}: A {tuple(A.shape)} and B {tuple(B.shape)} do not fit a layer with "
+                f"in_features={geo.in_features}, out_features={geo.out_features}; expected "
+                f"A (r, {geo.in_features}) and B ({geo.out_features}, r)")
+        if name in self._adapters:
+            raise CardMismatchError(f"adapter {name!r} is already present in this layer")
+        device, dtype = self._target()
+        ad = Adapter(name, A, B, float(scaling), None if weight is None else float(weight)).moved(device, dtype)
+        table = dict(self._adapters)
+        table[name] = ad
+        self._adapters = table  # one assignment: readers see the old or the new table
+
+    def remove_adapter(self, name: str) -> Adapter:
+        """Unregister adapter ``name`` (unmerging it first if merged) and return it."""
+        if name not in self._adapters:
+            raise KeyError(name)
+        if self._adapters[name].merged:
+            self.unmerge(name)
+        table = dict(self._adapters)
+        ad = table.pop(name)
+        self._adapters = table
+        return ad
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        table = self._adapters  # snapshot: safe against concurrent add/remove
+        if not table:
+            return out
+        scoped = ACTIVE_SCOPED.get()
+        for ad in table.values():
+            if ad.weight is None:  # scoped adapter: only where the current context entered it
+                w = scoped.get(ad.name)
+                if w is None:
+                    continue
+                h = nn.functional.linear(x.to(ad.A.dtype), ad.A) * (w * ad.scaling)
+                out = out + nn.functional.linear(h, ad.B).to(out.dtype)
+            elif not ad.merged:
+                h = nn.functional.linear(x.to(ad.A.dtype), ad.A)
+                out = out + nn.functional.linear(h, ad.b_scaled()).to(out.dtype)
+        return out
+
+    # ------------------------------------------------------------------ merge
+    def _delta_in_weight_layout(self, ad: Adapter) -> torch.Tensor:
+        d = ad.delta_weight(ad.weight)
+        return d.T if self.geometry.fan_in_fan_out else d
+
+    def merge(self, name: str) -> None:
+        """Add adapter ``name``'s delta (times its weight) into the base weight."""
+        ad = self._adapters[name]
+        if ad.scoped:
+            raise CardMismatchError(f"adapter {name!r} is scoped to a request and cannot be merged")
+        if ad.merged:
+            return
+        w = self.base_layer.weight
+        with torch.no_grad():
+            if self.exact_unmerge and self._base_copy is None:
+                self._base_copy = w.detach().clone()
+            w.copy_((w.float() + self._delta_in_weight_layout(ad)).to(w.dtype))
+        table = dict(self._adapters)
+        table[name] = Adapter(ad.name, ad.A, ad.B, ad.scaling, ad.weight, True)
+        self._adapters = table
+
+    def unmerge(self, name: str) -> None:
+        """Take adapter ``name``'s delta out of the base weight again."""
+        ad = self._adapters[name]
+        if not ad.merged:
+            return
+        table = dict(self._adapters)
+        table[name] = Adapter(ad.name, ad.A, ad.B, ad.scaling, ad.weight, False)
+        w = self.base_layer.weight
+        with torch.no_grad():
+            if self._base_copy is not None:
+                # Rebuild from the exact copy: bit-exact when nothing else stays merged.
+                still = [a for a in table.values() if a.merged]
+                acc = self._base_copy.float()
+                for a in still:
+                    acc = acc + self._delta_in_weight_layout(a)
+                w.copy_(self._base_copy if not still else acc.to(w.dtype))
+                if not still:
+                    self._base_copy = None
+            else:
+                w.copy_((w.float() - self._delta_in_weight_layout(ad)).to(w.dtype))
+        self._adapters = table
+
+    @property
+    def merged_names(self) -> list[str]:
+        return [n for n, a in self._adapters.items() if a.merged]
+
+    # ------------------------------------------------------------------ device / dtype
+    def _apply(self, fn, *args, **kwargs):
+        # model.to()/half()/cuda() reach here: move the base first, then make the factors
+        # (and the exact copy) follow the base weight's device and dtype.
+        super()._apply(fn, *args, **kwargs)
+        device, dtype = self._target()
+        self._adapters = {n: a if (a.A.device == device and a.A.dtype == dtype) else a.moved(device, dtype)
+                          for n, a in self._adapters.items()}
+        if self._base_copy is not None:
+            self._base_copy = self._base_copy.to(device=device, dtype=dtype)
+        return self
+
+    def extra_repr(self) -> str:
+        names = ", ".join(f"{n}{'*' if a.merged else ''}{'(scoped)' if a.scoped else ''}"
+                          for n, a in self._adapters.items())
+        return f"kind={self.geometry.kind}, adapters=[{names}]"

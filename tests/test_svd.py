@@ -1,0 +1,173 @@
+"""truncated_svd against LAPACK (numpy.linalg.svd): the accuracy contract of its docstring,
+the fused (tuned, base) path, the fixed-precision mode, and the compiled kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from aios_fast import backends
+from aios_fast.errors import InputError
+from aios_fast.linalg import truncated_svd
+
+
+def planted(m, n, spectrum, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    r = spectrum.numel()
+    U = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))[0]
+    return ((U * spectrum) @ V.T).to(dtype)
+
+
+SPECTRA = {
+    "decay0.8": lambda r: 0.8 ** torch.arange(r, dtype=torch.float64),
+    "flat-sqrt": lambda r: (1 + torch.arange(r, dtype=torch.float64)) ** -0.5,
+}
+SHAPES = [pytest.param(300, 200, id="tall300x200"), pytest.param(120, 350, id="wide120x350"),
+          pytest.param(256, 256, id="square256")]
+# Per-dtype tolerance on σ for decaying spectra (relative to the SVD of the *decoded* input).
+SIGMA_TOL = {"decay0.8": 1e-3, "flat-sqrt": 5e-2}
+RECON_TOL = {"decay0.8": 1e-3, "flat-sqrt": 5e-2}
+
+
+def lapack(M: torch.Tensor):
+    return np.linalg.svd(M.double().numpy(), full_matrices=False)
+
+
+@pytest.mark.parametrize("spectrum", list(SPECTRA), ids=list(SPECTRA))
+@pytest.mark.parametrize("m,n", SHAPES)
+@pytest.mark.parametrize("k", [8, 24], ids=["k8", "k24"])
+def test_sigma_and_reconstruction_match_lapack(spectrum, m, n, k):
+    A = planted(m, n, SPECTRA[spectrum](min(m, n)), dtype=torch.float32)
+    U, S, Vh = truncated_svd(A, k)
+    _, s, _ = lapack(A)
+    rel = np.abs(S.double().numpy() - s[:k]) / s[:k]
+    assert rel.max() <= SIGMA_TOL[spectrum], f"max σ relative error {rel.max():.2e}"
+    opt = np.sqrt((s[k:] ** 2).sum())
+    err = float(torch.linalg.norm(A.double() - (U * S).double() @ Vh.double()))
+    assert err <= (1 + RECON_TOL[spectrum]) * opt, f"reconstruction {err:.4e} vs optimal {opt:.4e}"
+    eye = torch.eye(k)
+    torch.testing.assert_close(U.T @ U, eye, atol=1e-5, rtol=0)
+    torch.testing.assert_close(Vh @ Vh.T, eye, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "f32"])
+@pytest.mark.parametrize("impl", ["cpp", "torch"])
+def test_pair_of_half_inputs_matches_lapack_on_decoded_delta(dtype, impl):
+    g = torch.Generator().manual_seed(1)
+    base = (0.05 * torch.randn(320, 192, generator=g)).to(dtype)
+    # σ₁₀ ≈ 0.04 stays far above the rounding noise of the half inputs (~1e-4 per element)
+    delta = planted(320, 192, 0.7 ** torch.arange(192, dtype=torch.float64), seed=2, dtype=torch.float32)
+    tuned = (base.float() + delta).to(dtype)
+    decoded = tuned.double() - base.double()
+    res = truncated_svd((tuned, base), 10, impl=impl, materialize=False)
+    _, s, _ = lapack(decoded)
+    assert np.abs(res.S.double().numpy() - s[:10]).max() / s[0] <= 1e-4
+    assert np.max(np.abs(res.S.double().numpy() - s[:10]) / s[:10]) <= 1e-3
+    assert res.frob_sq == pytest.approx(float((decoded ** 2).sum()), rel=1e-5)
+    assert res.energy_fraction == pytest.approx(float((s[:10] ** 2).sum() / (s ** 2).sum()), rel=1e-4)
+
+
+def test_materialize_streamed_and_cached_agree():
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(200, 150, generator=g).bfloat16()
+    tuned = (base.float() + 0.1 * torch.randn(200, 150, generator=g)).bfloat16()
+    a = truncated_svd((tuned, base), 6, materialize=False)
+    b = truncated_svd((tuned, base), 6, materialize=True)
+    torch.testing.assert_close(a.S, b.S, rtol=1e-5, atol=1e-6)
+    assert a.frob_sq == pytest.approx(b.frob_sq, rel=1e-6)
+
+
+def test_rank_deficient_matrix():
+    spec = torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    A = planted(200, 100, spec, dtype=torch.float32)
+    res = truncated_svd(A, 12)
+    np.testing.assert_allclose(res.S[:5].double().numpy(), spec.numpy(), rtol=1e-4)
+    assert float(res.S[5:].abs().max()) <= 1e-5 * float(spec[0])
+    torch.testing.assert_close(res.U.T @ res.U, torch.eye(12), atol=1e-4, rtol=0)
+    rec = (res.U * res.S) @ res.Vh
+    assert float(torch.linalg.norm(rec - A)) <= 1e-4 * float(torch.linalg.norm(A))
+
+
+def test_float64_input_is_computed_in_float64():
+    A = planted(150, 90, 0.5 ** torch.arange(90, dtype=torch.float64))
+    res = truncated_svd(A, 5)
+    assert res.S.dtype == torch.float64
+    np.testing.assert_allclose(res.S.numpy(), lapack(A)[1][:5], rtol=1e-10)
+
+
+@pytest.mark.parametrize("energy", [0.5, 0.9, 0.99])
+def test_fixed_precision_mode_returns_smallest_rank_reaching_energy(energy):
+    A = planted(300, 260, 0.9 ** torch.arange(260, dtype=torch.float64), dtype=torch.float32)
+    s = lapack(A)[1]
+    frac = np.cumsum(s ** 2) / (s ** 2).sum()
+    k_opt = int(np.searchsorted(frac, energy) + 1)
+    res = truncated_svd(A, energy=energy, block_size=8)
+    assert res.rank == k_opt, f"rank {res.rank} vs optimal {k_opt}"
+    assert res.energy_fraction >= energy * (1 - 1e-6)
+    assert res.frob_sq == pytest.approx(float((s ** 2).sum()), rel=1e-5)
+    # tol is the same thing as a residual bound
+    t = truncated_svd(A, tol=float(np.sqrt(1 - energy)), block_size=8)
+    assert t.rank == k_opt
+
+
+def test_fixed_precision_mode_respects_max_rank_and_zero_matrix():
+    A = planted(100, 80, torch.ones(80, dtype=torch.float64), dtype=torch.float32)
+    assert truncated_svd(A, energy=0.99, max_rank=10).rank == 10
+    z = torch.zeros(30, 20)
+    assert truncated_svd((z, z.clone()), energy=0.9).rank == 0
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(rank=21), r"rank 21 exceeds min\(m, n\) = 20"),
+    (dict(rank=0), "positive integer"),
+    (dict(rank=3, power_iters=-1), "power_iters"),
+    (dict(rank=3, oversample=-2), "oversample"),
+    (dict(energy=1.5), r"energy must be in \(0, 1\]"),
+    (dict(), "pass rank=k"),
+], ids=["rank-too-big", "rank-zero", "neg-iters", "neg-oversample", "energy>1", "no-rank"])
+def test_bad_arguments_raise_input_error(bad, match):
+    with pytest.raises(InputError, match=match):
+        truncated_svd(torch.randn(30, 20), **bad)
+
+
+def test_bad_inputs_raise_input_error():
+    with pytest.raises(InputError, match="differ in shape"):
+        truncated_svd((torch.randn(4, 5), torch.randn(5, 4)), 2)
+    with pytest.raises(InputError, match="2-D"):
+        truncated_svd(torch.randn(3, 4, 5), 2)
+    with pytest.raises(InputError, match="dtype"):
+        truncated_svd(torch.ones(4, 4, dtype=torch.int32), 2)
+    x = torch.randn(10, 10)
+    x[3, 3] = float("nan")
+    with pytest.raises(InputError, match="NaN or Inf"):
+        truncated_svd((x, torch.zeros(10, 10)), 2)
+
+
+def test_seed_makes_results_reproducible_and_numpy_is_accepted():
+    A = np.random.default_rng(0).standard_normal((60, 40)).astype(np.float32)
+    a = truncated_svd(A, 4, seed=3)
+    b = truncated_svd(torch.from_numpy(A), 4, seed=3)
+    torch.testing.assert_close(a.U, b.U)
+
+
+def test_cpp_sketch_is_the_cpu_default_when_built():
+    impl, why = backends.choose("delta_sketch", "cpu")
+    from aios_fast import _native
+    assert impl.name == ("cpp" if _native.has("delta_tile") else "torch"), why
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+def test_cuda_matches_cpu(dtype):
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(512, 384, generator=g).to(dtype)
+    tuned = (base.float() + planted(512, 384, 0.05 * 0.8 ** torch.arange(384, dtype=torch.float64),
+                                    dtype=torch.float32)).to(dtype)
+    cpu = truncated_svd((tuned, base), 16, materialize=False)
+    for mat in (False, True):
+        gpu = truncated_svd((tuned.cuda(), base.cuda()), 16, materialize=mat, impl="cuda")
+        assert gpu.U.is_cuda
+        torch.testing.assert_close(gpu.S.cpu(), cpu.S, rtol=1e-3, atol=1e-6)
+        assert gpu.frob_sq == pytest.approx(cpu.frob_sq, rel=1e-5)
