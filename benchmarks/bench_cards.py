@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PNG = ROOT / "docs" / "img" / "cards_bench.png"
 SUMMARY = Path(os.environ.get("AIOS_CARDS_BENCH_SUMMARY", "/tmp/aios-sections/cards_summary.json"))
 RANK = 16
-TEXTS = [f"request number {i}: how do skill cards move between nodes in a federation?" for i in range(8)]
+TEXTS = [f"request {i}: how do skill cards move between nodes?" for i in range(4)]
+PAIRED_ROUNDS = 30
 
 RESULTS: dict[str, float] = {}  # benchmark name -> median seconds
 
@@ -117,7 +118,10 @@ def report():
     base = RESULTS.get("infer-base")
     for k in ("infer-aios-unmerged", "infer-aios-merged", "infer-peft-unmerged"):
         if base and k in RESULTS:
-            ratios[f"overhead {k}"] = RESULTS[k] / base - 1.0
+            ratios[f"overhead (medians) {k}"] = RESULTS[k] / base - 1.0
+    for k, v in RESULTS.items():
+        if k.startswith("paired-overhead-"):
+            ratios[k] = v
     SUMMARY.parent.mkdir(parents=True, exist_ok=True)
     SUMMARY.write_text(json.dumps({"median_s": RESULTS, "ratios": ratios}, indent=2))
     _png(RESULTS)
@@ -132,11 +136,13 @@ def _png(res: dict[str, float]) -> None:
     panels = [
         ("load, rank-16 card (ms)", [k for k in res if k.startswith("load-")]),
         ("apply / remove on MiniLM (ms)", [k for k in res if k.startswith(("apply-", "remove-"))]),
-        ("MiniLM forward, 8 sentences (ms)", [k for k in res if k.startswith("infer-")]),
+        ("MiniLM forward, 4 sentences, 1 thread (ms)", [k for k in res if k.startswith("infer-")]),
+        ("paired inference overhead vs base (%)", [k for k in res if k.startswith("paired-overhead-")]),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 5))
     for ax, (title, keys) in zip(axes, panels):
-        vals = [res[k] * 1e3 for k in keys]
+        scale = 1e2 if "%" in title else 1e3
+        vals = [res[k] * scale for k in keys]
         colors = ["tab:blue" if ("aios" in k or "arrow" in k) else
                   ("tab:gray" if "base" in k else "tab:orange") for k in keys]
         ax.barh(keys, vals, color=colors)
@@ -302,40 +308,75 @@ def test_remove_peft_unload(benchmark, minilm, batch, peft_dir):
 
 
 # --------------------------------------------------------------------------- (c) inference
+# One intra-op thread: on a shared 2-core VM this keeps the other tenants' load from swamping
+# the few-percent difference being measured.
 @pytest.fixture(scope="module")
-def base_out(minilm, batch):
-    return _out(minilm, batch)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
-def _bench_forward(benchmark, model, batch):
-    benchmark.group = "infer-minilm"
-    with torch.no_grad():
-        return benchmark.pedantic(lambda: model(**batch).last_hidden_state, rounds=40, iterations=3,
-                                  warmup_rounds=3)
-
-
-def test_infer_base(benchmark, minilm, batch, base_out):
-    out = _bench_forward(benchmark, minilm, batch)
-    assert torch.equal(out, base_out)
-    _record(benchmark, "infer-base")
-
-
-@pytest.mark.parametrize("merged", [pytest.param(False, id="unmerged"), pytest.param(True, id="merged")])
-def test_infer_aios(benchmark, minilm, batch, card_files, expected_out, merged):
-    model = copy.deepcopy(minilm)
-    mgr = LoRAManager(model)
-    mgr.apply_card(card_files["minilm"][0])
-    if merged:
-        mgr.merge()
-    out = _bench_forward(benchmark, model, batch)
-    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=0)
-    _record(benchmark, f"infer-aios-{'merged' if merged else 'unmerged'}")
-
-
-def test_infer_peft_unmerged(benchmark, minilm, batch, peft_dir, expected_out):
+@pytest.fixture(scope="module")
+def variants(minilm, card_files, peft_dir, one_thread):
+    """label -> model: the base, our card unmerged / merged, PEFT's adapter unmerged."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(copy.deepcopy(minilm), peft_dir).eval()
-    out = _bench_forward(benchmark, model, batch)
-    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=0)
-    _record(benchmark, "infer-peft-unmerged")
+    card = card_files["minilm"][0]
+    out = {"base": minilm}
+    for merged in (False, True):
+        m = copy.deepcopy(minilm)
+        mgr = LoRAManager(m)
+        mgr.apply_card(card)
+        if merged:
+            mgr.merge()
+        out["aios-merged" if merged else "aios-unmerged"] = m
+    out["peft-unmerged"] = PeftModel.from_pretrained(copy.deepcopy(minilm), peft_dir).eval()
+    return out
+
+
+@pytest.mark.parametrize("label", ["base", "aios-unmerged", "aios-merged", "peft-unmerged"])
+def test_infer(benchmark, variants, batch, expected_out, label):
+    model = variants[label]
+    benchmark.group = "infer-minilm"
+    with torch.no_grad():
+        out = benchmark.pedantic(lambda: model(**batch).last_hidden_state, rounds=15, iterations=3,
+                                 warmup_rounds=2)
+    if label == "base":
+        assert (out - expected_out).abs().max() > 1e-2
+    else:
+        torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=0)
+    _record(benchmark, f"infer-{label}")
+
+
+def test_infer_overhead_paired(benchmark, variants, batch):
+    """Overhead as the median over rounds of (variant time / base time) with the four models
+    timed back to back in each round (order rotated), so load drift cancels out."""
+    import time
+
+    labels = list(variants)
+    ratios: dict[str, list[float]] = {k: [] for k in labels if k != "base"}
+
+    def one_round(r: int) -> None:
+        t = {}
+        for k in labels[r % len(labels):] + labels[:r % len(labels)]:
+            s = time.perf_counter()
+            for _ in range(3):
+                variants[k](**batch)
+            t[k] = time.perf_counter() - s
+        for k in ratios:
+            ratios[k].append(t[k] / t["base"])
+
+    benchmark.group = "infer-paired"
+    with torch.no_grad():
+        for r in range(2):  # warm-up
+            one_round(r)
+        ratios = {k: [] for k in ratios}
+        benchmark.pedantic(one_round, args=(0,), rounds=1, iterations=1)  # keeps --benchmark-only
+        for r in range(1, PAIRED_ROUNDS):
+            one_round(r)
+    for k, v in ratios.items():
+        v.sort()
+        RESULTS[f"paired-overhead-{k}"] = v[len(v) // 2] - 1.0
+    assert abs(RESULTS["paired-overhead-aios-merged"]) < 0.25  # merged costs ~nothing (noisy VM)

@@ -3,7 +3,9 @@
 Batch 64 x 128 real tokens (sentences of the built-in corpora packed to 128 tokens):
 
 * ``forward``: plain forward, the probe's hooks, the seed's naive hooks (``torch.norm(out).item()``
-  per module); plus a paired run alternating the three so that machine noise hits each alike.
+  per module), timed in process CPU seconds (all threads): on a machine shared with other
+  jobs the wall time of the same forward varies 2x, its CPU time by a few percent. Plus a
+  paired run alternating the three, with wall and CPU ratios per round.
 * ``kernel``: the token_norms statistics of all 37 Linear outputs of one forward, with the
   dispatched kernel (cpp) and with the torch reference ops.
 
@@ -116,14 +118,14 @@ class NaiveHooks:
             h.remove()
 
 
-@pytest.mark.benchmark(group="probe-forward")
+@pytest.mark.benchmark(group="probe-forward", timer=time.process_time)
 def test_forward_plain(benchmark, model, batch, reference_output):
     out = benchmark.pedantic(_forward, args=(model, batch), rounds=ROUNDS, warmup_rounds=1)
     assert torch.equal(out, reference_output)
     _record("forward_plain", benchmark)
 
 
-@pytest.mark.benchmark(group="probe-forward")
+@pytest.mark.benchmark(group="probe-forward", timer=time.process_time)
 def test_forward_probe(benchmark, model, batch, reference_output, outputs):
     p = WeightMapProbe(model).attach()
     try:
@@ -140,7 +142,7 @@ def test_forward_probe(benchmark, model, batch, reference_output, outputs):
     _record("forward_probe", benchmark)
 
 
-@pytest.mark.benchmark(group="probe-forward")
+@pytest.mark.benchmark(group="probe-forward", timer=time.process_time)
 def test_forward_naive_hooks(benchmark, model, batch, reference_output, outputs):
     naive = NaiveHooks(model)
     try:
@@ -149,32 +151,34 @@ def test_forward_naive_hooks(benchmark, model, batch, reference_output, outputs)
         naive.remove()
     assert torch.equal(out, reference_output)
     n = "encoder.layer.3.intermediate.dense"
-    assert naive.norms[n][-1] == pytest.approx(outputs[n].double().norm().item(), rel=1e-5)
+    # torch.norm sums 12.6M squares in float32: about 1e-4 off the float64 value
+    assert naive.norms[n][-1] == pytest.approx(outputs[n].double().norm().item(), rel=2e-3)
     _record("forward_naive", benchmark)
 
 
 @pytest.mark.benchmark(group="probe-forward-paired")
 def test_forward_paired(benchmark, model, batch, reference_output):
     """Alternate plain / probe / naive forwards so that load from other processes hits all three
-    alike; the overhead is the median of per-round ratios."""
+    alike; the overhead is the median of per-round ratios, in wall and in process CPU time."""
 
     def one_round():
-        times = {}
+        wall, cpu = {}, {}
         for kind in ("plain", "probe", "naive"):
             p = WeightMapProbe(model).attach() if kind == "probe" else None
             h = NaiveHooks(model) if kind == "naive" else None
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             out = _forward(model, batch)
-            times[kind] = time.perf_counter() - t
+            wall[kind], cpu[kind] = time.perf_counter() - t, time.process_time() - c
             if p is not None:
                 p.detach()
             if h is not None:
                 h.remove()
             assert torch.equal(out, reference_output)
-        PAIRED.setdefault("probe", []).append(times["probe"] / times["plain"])
-        PAIRED.setdefault("naive", []).append(times["naive"] / times["plain"])
+        for kind in ("probe", "naive"):
+            PAIRED.setdefault(f"{kind}_wall", []).append(wall[kind] / wall["plain"])
+            PAIRED.setdefault(f"{kind}_cpu", []).append(cpu[kind] / cpu["plain"])
 
-    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=0)
+    benchmark.pedantic(one_round, rounds=2 * ROUNDS, warmup_rounds=0)
 
 
 def _all_stats(outputs, impl):
@@ -193,7 +197,8 @@ def test_kernel_all_module_outputs(benchmark, outputs, impl):
         a, b = states[n].to_dict(), ref[n].to_dict()
         for k in ("count", "sum", "sumsq", "max"):
             assert a[k] == pytest.approx(b[k], rel=1e-5), (n, k)
-        np.testing.assert_allclose(states[n].channel_numpy(), ref[n].channel_numpy(), rtol=1e-5)
+        # float32 column sums over 8192 rows in different orders
+        np.testing.assert_allclose(states[n].channel_numpy(), ref[n].channel_numpy(), rtol=1e-4)
     _record(f"kernel_{impl}", benchmark)
 
 
@@ -215,13 +220,13 @@ def report():
     if not {"forward_plain", "forward_probe", "forward_naive"} <= RESULTS.keys():
         return
     r = dict(RESULTS)
-    ratios = {
-        "probe_overhead_pct": 100 * (r["forward_probe"] / r["forward_plain"] - 1),
-        "naive_overhead_pct": 100 * (r["forward_naive"] / r["forward_plain"] - 1),
+    ratios = {  # forward group: process CPU seconds (all threads), see module docstring
+        "probe_overhead_pct_cpu": 100 * (r["forward_probe"] / r["forward_plain"] - 1),
+        "naive_overhead_pct_cpu": 100 * (r["forward_naive"] / r["forward_plain"] - 1),
     }
     if PAIRED:
-        ratios["probe_overhead_pct_paired"] = 100 * (statistics.median(PAIRED["probe"]) - 1)
-        ratios["naive_overhead_pct_paired"] = 100 * (statistics.median(PAIRED["naive"]) - 1)
+        for key, vals in PAIRED.items():
+            ratios[f"{key.replace('_', '_overhead_pct_paired_')}"] = 100 * (statistics.median(vals) - 1)
     if "kernel_cpp" in r and "kernel_torch" in r:
         ratios["kernel_speedup_vs_torch"] = r["kernel_torch"] / r["kernel_cpp"]
         # what the kernels cost inside one forward, measured alone (no noise from the GEMMs)
@@ -250,7 +255,7 @@ def _plot(r, ratios, path):
     bars = a1.bar(labels, vals, color=["tab:gray", "tab:green", "tab:red"])
     for b, v in zip(bars, vals):
         a1.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}s", ha="center", va="bottom", fontsize=8)
-    a1.set_ylabel("seconds (median)")
+    a1.set_ylabel("process CPU seconds (median)")
     a1.set_title(f"MiniLM forward, batch {BATCH}x{SEQ}, CPU", fontsize=9)
     if "kernel_cpp" in r:
         kl = ["cpp fp32", "torch fp32"] + (["cpp bf16", "torch bf16"] if "kernel_bf16_cpp" in r else [])
@@ -263,9 +268,10 @@ def _plot(r, ratios, path):
         a2.set_title(f"token_norms stats: all 37 outputs (fp32), 2 outputs (bf16); "
                      f"{ratios['kernel_speedup_vs_torch']:.1f}x", fontsize=9)
     fig.suptitle("2-core shared CPU VM, no GPU (noisy); probe overhead "
-                 f"{ratios.get('probe_overhead_pct_paired', ratios['probe_overhead_pct']):+.1f}% (paired median)",
+                 f"{ratios['probe_overhead_pct_cpu']:+.1f}% CPU time, "
+                 f"{ratios.get('probe_overhead_pct_paired_cpu', float('nan')):+.1f}% paired CPU median",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    assert math.isfinite(ratios["probe_overhead_pct"])
+    assert math.isfinite(ratios["probe_overhead_pct_cpu"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import mmap
 import os
 from pathlib import Path
 
@@ -271,35 +270,31 @@ def test_verify_false_skips_checksum_but_not_structure():
 
 
 # ---------------------------------------------------------------------- atomic writes
-def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
+def test_save_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
+    """A write that dies half way (here: the IPC writer raises after writing some bytes)
+    leaves the previous card intact under the final name and no temporary file behind."""
+    import aios_fast.cards.format as fmt
+
     path = tmp_path / "card.lora.arrow"
     LoRAFormat.save(make_card(seed=1), path)
     old = path.read_bytes()
+    real_new_file = fmt.ipc.new_file
 
     class Boom(Exception):
         pass
 
-    bad = make_card(seed=2)
-    # a tensor whose byte conversion fails half way through writing
-    orig = torch.Tensor.contiguous
-    calls = {"n": 0}
+    def dying_new_file(sink, schema, **kw):
+        sink.write(b"ARROW1\0\0 half a card")
+        raise Boom("disk on fire")
 
-    def failing(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise Boom("disk on fire")
-        return orig(self, *a, **k)
-
-    torch.Tensor.contiguous = failing
-    try:
-        with pytest.raises(Boom):
-            LoRAFormat.save(bad, path)
-    finally:
-        torch.Tensor.contiguous = orig
-    assert path.read_bytes() == old  # the old card is untouched
+    monkeypatch.setattr(fmt.ipc, "new_file", dying_new_file)
+    with pytest.raises(Boom):
+        LoRAFormat.save(make_card(seed=2), path)
+    assert path.read_bytes() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["card.lora.arrow"]
-    LoRAFormat.save(bad, path)
-    assert LoRAFormat.load(path).equal(bad)
+    monkeypatch.setattr(fmt.ipc, "new_file", real_new_file)
+    LoRAFormat.save(make_card(seed=2), path)
+    assert LoRAFormat.load(path).equal(make_card(seed=2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["card.lora.arrow"]
 
 
@@ -353,3 +348,69 @@ def test_fingerprint_stable_and_sensitive(hf_minilm):
     sd3 = dict(hf_minilm.state_dict())
     sd3.pop("pooler.dense.bias")
     assert fingerprint_model(sd3) != fp
+
+
+def test_overwrite_a_card_that_is_loaded(tmp_path):
+    """Load a card (its tensors view the mapped file), then save a new card over the same
+    path: the loaded tensors keep their values (the old inode stays mapped)."""
+    path = tmp_path / "c.lora.arrow"
+    first = make_card(seed=1)
+    LoRAFormat.save(first, path)
+    loaded = LoRAFormat.load(path)
+    LoRAFormat.save(make_card(seed=2), path)
+    assert loaded.equal(first)
+    assert LoRAFormat.load(path).equal(make_card(seed=2))
+
+
+@pytest.mark.cuda
+def test_save_cuda_card_and_move_loaded_card_to_cuda(tmp_path):
+    c = make_card()
+    on_gpu = LoRACard(c.name, c.rank, c.alpha, c.target_modules,
+                      {k: v.cuda() for k, v in c.weights_A.items()},
+                      {k: v.cuda() for k, v in c.weights_B.items()},
+                      rank_pattern=c.rank_pattern)
+    loaded = LoRAFormat.load(LoRAFormat.save(on_gpu, tmp_path / "g.lora.arrow"))
+    assert loaded.equal(c)
+    a = loaded.weights_A["layer.0.q"].to("cuda", torch.float16)
+    torch.testing.assert_close(a.float().cpu(), c.weights_A["layer.0.q"].half().float())
+
+
+def test_writer_refuses_what_readers_would_refuse(tmp_path):
+    from aios_fast.cards import spec
+
+    big = make_card(metadata={"report": "x" * (spec.LIMITS["max_metadata_value_bytes"] + 1)})
+    with pytest.raises(CardFormatError, match="metadata over the format's limits"):
+        LoRAFormat.save(big, tmp_path / "big.lora.arrow")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_arrowengine_float64_v1_card_loads_as_float32(tmp_path):
+    """NumPy's default dtype in a v1 file is converted to float32 (the card's widest dtype)."""
+    e = golden.expected_v1()
+    e["A"] = {k: v.astype(np.float64) for k, v in e["A"].items()}
+    e["B"] = {k: v.astype(np.float64) for k, v in e["B"].items()}
+    golden.arrowengine_save(e, tmp_path / "f64.lora.arrow")
+    c = LoRAFormat.load(tmp_path / "f64.lora.arrow")
+    for m in e["A"]:
+        assert c.weights_A[m].dtype == torch.float32
+        np.testing.assert_array_equal(c.weights_A[m].numpy(), e["A"][m].astype(np.float32))
+        np.testing.assert_array_equal(c.weights_B[m].numpy(), e["B"][m].astype(np.float32))
+
+
+def test_saved_card_has_ordinary_permissions(tmp_path):
+    path = LoRAFormat.save(make_card(), tmp_path / "p.lora.arrow")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    path.chmod(0o640)
+    LoRAFormat.save(make_card(seed=3), path)  # replacing keeps the file's mode
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_non_contiguous_tensors_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    A = {"m": torch.randn(12, 4, generator=g).T}  # (4, 12), not contiguous
+    B = {"m": torch.randn(4, 9, generator=g)[:, ::2].T.contiguous().T.T}  # (5, 4) view
+    assert not A["m"].is_contiguous()
+    c = LoRACard("nc", 4, 4.0, ["m"], A, B)
+    assert LoRAFormat.load(LoRAFormat.save(c, tmp_path / "nc.lora.arrow")).equal(c)

@@ -87,6 +87,14 @@ def test_half_special_values(impl, dev):
     assert_matches(token_norm_stats(x, force=impl), *oracle(x), torch.float16)
 
 
+def test_large_input_takes_the_threaded_path():
+    """Inputs above 2 x 8M elements split over OpenMP threads (per-thread partials, merged once)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4100, 4099, generator=g).to(torch.bfloat16)
+    mask = torch.rand(4100, generator=g) > 0.2
+    assert_matches(token_norm_stats(x, mask=mask, force="cpp"), *oracle(x, mask), torch.bfloat16)
+
+
 def test_cpp_is_the_cpu_default():
     impl, why = backends.choose("token_norms", "cpu")
     assert impl.name == "cpp", why

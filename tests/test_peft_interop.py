@@ -177,3 +177,14 @@ def test_from_peft_refuses_missing_and_garbage(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
     with pytest.raises(CardFormatError, match="safetensors"):
         from_peft(tmp_path)
+
+
+def test_from_peft_refuses_malformed_aios_header(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"base_model.model.q.lora_A.weight": torch.ones(2, 4),
+               "base_model.model.q.lora_B.weight": torch.ones(4, 2)},
+              tmp_path / "adapter_model.safetensors", metadata={"aios_card": "{broken"})
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4}))
+    with pytest.raises(CardFormatError, match="aios_card is malformed"):
+        from_peft(tmp_path)

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 __all__ = [
     "V1_COLUMNS", "V2_COLUMNS", "HEADER_KEYS", "KEY_VERSION", "KEY_NAMING", "KEY_FINGERPRINT",
-    "KEY_CHECKSUM", "CHECKSUM_ALGO", "ITEMSIZE", "LIMITS", "checksum",
+    "KEY_CHECKSUM", "CHECKSUM_ALGO", "ITEMSIZE", "V1_ITEMSIZE", "LIMITS", "checksum",
 ]
 
 #: v1 columns, in order, with their exact Arrow types (ArrowEngine's writer)
@@ -42,6 +42,9 @@ CHECKSUM_ALGO = "sha256"
 
 #: bytes per element of each allowed dtype name
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+#: v1 files hold NumPy dtype names: float32 and float16, and float64 (NumPy's default), which
+#: readers convert to float32 on load
+V1_ITEMSIZE = {"float32": 4, "float16": 2, "float64": 8}
 
 #: hard limits a reader enforces before trusting any declared size
 LIMITS = {
@@ -51,8 +54,8 @@ LIMITS = {
     "max_rank": 1 << 16,
     "max_metadata_entries": 1024,
     "max_metadata_key_bytes": 256,
-    "max_metadata_value_bytes": 64 << 10,  # 64 KiB per value
-    "max_metadata_bytes": 1 << 20,         # 1 MiB in all
+    "max_metadata_value_bytes": 1 << 20,   # 1 MiB per value (room for per-module JSON reports)
+    "max_metadata_bytes": 4 << 20,         # 4 MiB in all
     "max_module_name_bytes": 1024,
 }
 

@@ -135,10 +135,10 @@ class _GGUFIndex:
     """GGUF tensor names -> Hugging Face names, via a meta-device model built from the file's config."""
 
     def __init__(self, file: Path) -> None:
-        from gguf import GGUFReader
+        from gguf import MODEL_ARCH_NAMES, GGUFReader, get_tensor_name_map
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint)
+            TENSOR_PROCESSORS, TensorProcessor, load_gguf_checkpoint)
 
         try:
             parsed = load_gguf_checkpoint(str(file), return_tensors=False)
@@ -147,9 +147,25 @@ class _GGUFIndex:
             raise InputError(f"{file} could not be parsed as a GGUF model: {exc}") from exc
         arch = parsed["config"].get("model_type")
         self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
+        gguf_arch = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch), None)
+        if gguf_arch is None:
+            raise InputError(f"{file}: architecture {arch!r} is unknown to the installed gguf package")
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-        self.map = get_gguf_hf_weights_map(model, self.processor)
+        # transformers' get_gguf_hf_weights_map rebuilds gguf's name table once per submodule
+        # (hundreds of times, ~20 s); one table and a prefix walk give the same map.
+        table = get_tensor_name_map(gguf_arch, config.num_hidden_layers)
+        self.map: dict[str, str] = {}
+        for hf_name in model.state_dict():
+            stem, dot, suffix = hf_name.rpartition(".")
+            if suffix not in ("weight", "bias"):
+                stem, dot, suffix = hf_name, "", ""
+            parts = stem.split(".")
+            for start in range(len(parts)):  # drop leading qualifiers, as its recursion does
+                gguf_name = table.get_name(".".join(parts[start:]))
+                if gguf_name is not None:
+                    self.map.setdefault(gguf_name + dot + suffix, hf_name)
+                    break
         self.reader = GGUFReader(str(file))
         # tied parameters: state_dict() lists every alias, the GGUF stores the tensor once
         by_id: dict[int, list[str]] = {}

@@ -63,9 +63,60 @@ def _state_dict_of(model_or_state_dict: Any) -> Mapping[str, torch.Tensor]:
     raise InputError(f"expected an nn.Module or a dict of tensors, got {type(model_or_state_dict).__name__}")
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    # a uint8 view of the contiguous tensor is its exact C-order bytes, for bfloat16 too
-    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
+    # a uint8 view of the contiguous tensor is its exact C-order bytes, for bfloat16 too (no copy
+    # for a contiguous CPU tensor; the copy happens once, into the Arrow buffer)
+    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _binary_array(chunks: list[np.ndarray]):
+    """One Arrow binary array over the byte chunks, copying each chunk once into its buffer."""
+    import pyarrow as pa
+
+    lengths = np.array([c.nbytes for c in chunks], dtype=np.int64)
+    offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] > np.iinfo(np.int32).max:  # a row group is capped far below 2 GiB
+        raise InputError(f"row group of {offsets[-1]} bytes exceeds Arrow's binary limit")
+    data = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint8)
+    return pa.Array.from_buffers(pa.binary(), len(chunks),
+                                 [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)])
+
+
+def _write_weights(file: Path, sd: Mapping[str, torch.Tensor]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = _schema()
+    # Uncompressed, no dictionary and no statistics on ``data``: weights barely compress, and
+    # dictionary-encoding or min/max-scanning megabyte-sized values only costs time.
+    with pq.ParquetWriter(file, schema, compression="none", use_dictionary=["dtype"],
+                          write_statistics=["layer_name", "num_params"]) as writer:
+        rows: list[tuple[str, torch.Tensor]] = []
+        size = 0
+
+        def flush() -> None:
+            if not rows:
+                return
+            chunks = [_tensor_bytes(t) for _, t in rows]
+            table = pa.Table.from_arrays([
+                pa.array([n for n, _ in rows], pa.string()),
+                pa.array([[int(d) for d in t.shape] for _, t in rows], pa.list_(pa.int32())),
+                pa.array([_NAMES[t.dtype] for _, t in rows], pa.string()),
+                _binary_array(chunks),
+                pa.array([int(t.numel()) for _, t in rows], pa.int64()),
+            ], schema=schema)
+            writer.write_table(table, row_group_size=len(rows))
+            rows.clear()
+
+        for name, t in sd.items():
+            nbytes = t.numel() * t.element_size()
+            if size and size + nbytes > ROW_GROUP_BYTES:
+                flush()
+                size = 0
+            rows.append((name, t))
+            size += nbytes
+        flush()
 
 
 def _model_info(model_or_state_dict: Any, sd: Mapping[str, torch.Tensor], extra: Mapping | None) -> dict:
@@ -87,7 +138,7 @@ def _model_info(model_or_state_dict: Any, sd: Mapping[str, torch.Tensor], extra:
     return info
 
 
-def decode_row(name: str, shape: list | None, dtype: str | None, data: bytes | None,
+def decode_row(name: str, shape: list | None, dtype: str | None, data: bytes | np.ndarray | None,
                num_params: int | None, where: str) -> torch.Tensor:
     """Validate one Parquet row and rebuild its tensor (a private copy, writable)."""
     if not isinstance(name, str) or not name:
@@ -105,7 +156,10 @@ def decode_row(name: str, shape: list | None, dtype: str | None, data: bytes | N
     if len(data) != numel * itemsize:
         raise InputError(f"{where} ({name}): data has {len(data)} bytes, but shape {shape} x {dtype} "
                          f"needs {numel * itemsize}")
-    raw = np.frombuffer(data, dtype=np.uint8).copy()
+    if numel == 0:
+        return torch.empty(shape, dtype=DTYPES[dtype])
+    raw = np.array(data, dtype=np.uint8, copy=True) if isinstance(data, np.ndarray) \
+        else np.frombuffer(data, dtype=np.uint8).copy()
     return torch.from_numpy(raw).view(DTYPES[dtype]).reshape(shape)
 
 
@@ -144,6 +198,27 @@ def open_weights(path: Path):
     return pf, file
 
 
+class _BinaryColumn:
+    """Row ``i`` of a binary column as a read-only uint8 view of Arrow's buffer (no copy;
+    ``decode_row`` copies once into the tensor). ``None`` for nulls."""
+
+    def __init__(self, column) -> None:
+        import pyarrow as pa
+
+        arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+        self.arr = arr
+        wide = pa.types.is_large_binary(arr.type)
+        validity, offsets, values = arr.buffers()
+        self.offsets = np.frombuffer(offsets, dtype=np.int64 if wide else np.int32)[arr.offset:]
+        self.values = np.frombuffer(values, dtype=np.uint8) if values is not None else np.zeros(0, np.uint8)
+
+    def __getitem__(self, i: int) -> np.ndarray | None:
+        if not self.arr[i].is_valid:
+            return None
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.values[start:end]
+
+
 def iter_parquet(path: Path, names=None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) row group by row group; ``names`` (a set or a predicate) filters rows
     before their bytes are decoded, and row groups holding no wanted row are never read."""
@@ -163,15 +238,16 @@ def iter_parquet(path: Path, names=None) -> Iterator[tuple[str, torch.Tensor]]:
             table = pf.read_row_group(g, columns=list(COLUMNS))
         except (pa.ArrowException, OSError) as exc:
             raise InputError(f"{file}: row group {g} is unreadable: {exc}") from exc
-        cols = {c: table.column(c) for c in COLUMNS}
+        shapes = table.column("shape").to_pylist()
+        dtypes = table.column("dtype").to_pylist()
+        counts = table.column("num_params").to_pylist()
+        data = _BinaryColumn(table.column("data"))
         for i in wanted:
             name = layer_names[i]
             if name in seen:
                 raise InputError(f"{file} row {row + i}: layer_name {name!r} appears twice")
             seen.add(name)
-            data = cols["data"][i].as_py()
-            tensor = decode_row(name, cols["shape"][i].as_py(), cols["dtype"][i].as_py(), data,
-                                cols["num_params"][i].as_py(), f"{file} row {row + i}")
+            tensor = decode_row(name, shapes[i], dtypes[i], data[i], counts[i], f"{file} row {row + i}")
             yield name, tensor
         row += len(layer_names)
 
@@ -191,9 +267,6 @@ class ModelConverter:
         Returns ``out_dir``. ``model_info`` entries are merged into ``metadata.json``'s
         ``model_info`` (they win over the computed ``architecture``/``num_params``/``dtypes``).
         """
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         sd = _state_dict_of(model_or_state_dict)
         if model_info is not None and not isinstance(model_info, Mapping):
             raise InputError(f"model_info must be a dict, got {type(model_info).__name__}")
@@ -202,6 +275,9 @@ class ModelConverter:
                 raise InputError(f"tensor {name!r} has dtype {t.dtype}, not one of {list(DTYPES)}")
             if any(d > 2**31 - 1 for d in t.shape):
                 raise InputError(f"tensor {name!r} has a dimension beyond int32: {tuple(t.shape)}")
+            if t.numel() * t.element_size() > 2**31 - 1:
+                raise InputError(f"tensor {name!r} has {t.numel() * t.element_size()} bytes, beyond the "
+                                 "2 GiB a binary cell of ArrowEngine's layout holds; split it first")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         info = _model_info(model_or_state_dict, sd, model_info)
@@ -212,30 +288,8 @@ class ModelConverter:
 
         final = out / WEIGHTS_FILE
         tmp = temp_path_beside(final)
-        schema = _schema()
         try:
-            # uncompressed: float weights barely compress, and readers should not pay to inflate
-            with pq.ParquetWriter(tmp, schema, compression="none") as writer:
-                rows: dict[str, list] = {c: [] for c in COLUMNS}
-                size = 0
-
-                def flush() -> None:
-                    nonlocal rows, size
-                    if rows["layer_name"]:
-                        writer.write_table(pa.table(rows, schema=schema), row_group_size=len(rows["layer_name"]))
-                    rows, size = {c: [] for c in COLUMNS}, 0
-
-                for name, t in sd.items():
-                    data = _tensor_bytes(t)
-                    if size and size + len(data) > ROW_GROUP_BYTES:
-                        flush()
-                    rows["layer_name"].append(name)
-                    rows["shape"].append([int(d) for d in t.shape])
-                    rows["dtype"].append(_NAMES[t.dtype])
-                    rows["data"].append(data)
-                    rows["num_params"].append(int(t.numel()))
-                    size += len(data)
-                flush()
+            _write_weights(tmp, sd)
             atomic_replace_from(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)

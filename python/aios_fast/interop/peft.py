@@ -16,11 +16,11 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..cards._atomic import atomic_write
 from ..cards.card import LoRACard
 from ..errors import CardFormatError
 
@@ -31,19 +31,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
 _MAX_CONFIG_BYTES = 1 << 20
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def to_peft(card: LoRACard, directory: str | os.PathLike,
@@ -86,8 +73,8 @@ def to_peft(card: LoRACard, directory: str | os.PathLike,
         "inference_mode": True,
         "init_lora_weights": True,
     }
-    _atomic_write(out / WEIGHTS_NAME, lambda f: f.write(blob))
-    _atomic_write(out / CONFIG_NAME, lambda f: f.write(json.dumps(config, indent=2).encode()))
+    atomic_write(out / WEIGHTS_NAME, lambda f: f.write(blob))
+    atomic_write(out / CONFIG_NAME, lambda f: f.write(json.dumps(config, indent=2).encode()))
     return out
 
 
@@ -113,7 +100,10 @@ def from_peft(directory: str | os.PathLike, name: str | None = None) -> LoRACard
     cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
     for p in (cfg_path, w_path):
         if not p.is_file():
-            raise CardFormatError(f"{d}: not a PEFT adapter directory ({p.name} is missing)")
+            hint = (" (only safetensors adapters are read; re-save a .bin adapter with "
+                    "PEFT's save_pretrained(safe_serialization=True))"
+                    if p is w_path and (d / "adapter_model.bin").is_file() else "")
+            raise CardFormatError(f"{d}: not a PEFT adapter directory ({p.name} is missing){hint}")
     if cfg_path.stat().st_size > _MAX_CONFIG_BYTES:
         raise CardFormatError(f"{cfg_path}: config is over {_MAX_CONFIG_BYTES} bytes")
     try:
@@ -158,7 +148,15 @@ def from_peft(directory: str | os.PathLike, name: str | None = None) -> LoRACard
         # rsLoRA scales by alpha/sqrt(r); the card's alpha/r equals that with alpha*sqrt(r)
         alphas = {k: a * math.sqrt(ranks[k]) for k, a in alphas.items()}
         alpha0 = alpha0 * math.sqrt(r0)
-    extra = json.loads(meta["aios_card"]) if "aios_card" in meta else None
+    extra = None
+    if "aios_card" in meta:
+        try:
+            extra = json.loads(meta["aios_card"])
+            if not isinstance(extra, dict) or not {"name", "rank", "alpha", "target_modules",
+                                                   "metadata"} <= set(extra):
+                raise ValueError("missing fields")
+        except ValueError as exc:
+            raise CardFormatError(f"{w_path}: header entry aios_card is malformed ({exc})") from None
     rank = r0 if extra is None else int(extra["rank"])
     alpha = alpha0 if extra is None else float(extra["alpha"])
     card = LoRACard(

@@ -206,6 +206,9 @@ def _cuda_available() -> tuple[bool, str]:
 def _token_norms_cuda(x: torch.Tensor, state: NormState | None = None,
                       mask: torch.Tensor | None = None) -> NormState:
     state = _state_for(x, state)
+    if x.device.index is not None and x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):  # the launch goes to the current device: make it x's
+            return _token_norms_cuda(x, state, mask)
     stream = torch.cuda.current_stream(x.device).cuda_stream
     _native.native().token_norms_cuda(
         x.data_ptr(), _DTYPE_CODE[x.dtype], x.shape[0], x.shape[1],

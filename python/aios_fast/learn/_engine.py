@@ -3,7 +3,7 @@ any object with ``.model`` and ``.tokenizer``, or a ``(model, tokenizer)`` tuple
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,42 +80,10 @@ class EngineView:
         return self.tokenizer.apply_chat_template([{"role": "user", "content": question}],
                                                   add_generation_prompt=True, tokenize=False)
 
-    def sft_ids(self, question: str, answer: str) -> tuple[list[int], list[int]]:
-        """(input_ids, labels) for one pair: the chat-templated prompt, then the answer and the
-        template's end-of-turn; labels are -100 on prompt tokens (loss on answer tokens only)."""
-        tok = self.tokenizer
-        prompt = self.chat_prompt(question)
-        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        full = None
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": "user", "content": question},
-                                            {"role": "assistant", "content": answer}], tokenize=False)
-            f_ids = tok(text, add_special_tokens=False)["input_ids"]
-            if f_ids[:len(p_ids)] == p_ids and len(f_ids) > len(p_ids):
-                full = f_ids
-        if full is None:  # template whose full text does not extend the prompt: append answer + EOS
-            a_ids = tok(answer, add_special_tokens=False)["input_ids"]
-            full = p_ids + a_ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
-        full = full[:self.max_length]
-        labels = [-100] * min(len(p_ids), len(full)) + full[len(p_ids):]
-        return full, labels
-
     def sft_batch(self, pairs: Sequence[tuple[str, str]]) -> dict[str, torch.Tensor]:
-        """Right-padded batch: input_ids, attention_mask, labels (-100 on prompt and padding)."""
-        rows = [self.sft_ids(q, a) for q, a in pairs]
-        n = max(len(r[0]) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        if pad is None:
-            pad = self.tokenizer.eos_token_id or 0
-        ids = torch.full((len(rows), n), pad, dtype=torch.long)
-        labels = torch.full((len(rows), n), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), n), dtype=torch.long)
-        for i, (x, y) in enumerate(rows):
-            ids[i, :len(x)] = torch.tensor(x)
-            labels[i, :len(y)] = torch.tensor(y)
-            mask[i, :len(x)] = 1
-        dev = self.device
-        return {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "labels": labels.to(dev)}
+        """Right-padded batch on the model's device: input_ids, attention_mask, labels."""
+        b = sft_batch(self.tokenizer, pairs, self.chat_prompt, self.max_length)
+        return {k: v.to(self.device) for k, v in b.items()}
 
     def token_nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of token NLL, number of counted tokens) of a batch with ``labels``."""
@@ -124,6 +92,46 @@ class EngineView:
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), y.flatten(), ignore_index=-100,
                               reduction="sum")
         return nll, (y != -100).sum()
+
+
+def sft_ids(tokenizer, question: str, answer: str, chat_prompt: Callable[[str], str],
+            max_length: int = 512) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for one pair: the chat-templated prompt, then the answer and the
+    template's end-of-turn; labels are -100 on prompt tokens (loss on answer tokens only)."""
+    tok = tokenizer
+    prompt = chat_prompt(question)
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    full = None
+    if getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": question},
+                                        {"role": "assistant", "content": answer}], tokenize=False)
+        f_ids = tok(text, add_special_tokens=False)["input_ids"]
+        if f_ids[:len(p_ids)] == p_ids and len(f_ids) > len(p_ids):
+            full = f_ids
+    if full is None:  # template whose full text does not extend the prompt: answer + EOS
+        a_ids = tok(answer, add_special_tokens=False)["input_ids"]
+        full = p_ids + a_ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+    full = full[:max_length]
+    labels = [-100] * min(len(p_ids), len(full)) + full[len(p_ids):]
+    return full, labels
+
+
+def sft_batch(tokenizer, pairs: Sequence[tuple[str, str]], chat_prompt: Callable[[str], str],
+              max_length: int = 512) -> dict[str, torch.Tensor]:
+    """Right-padded CPU batch: input_ids, attention_mask, labels (-100 on prompt and padding)."""
+    rows = [sft_ids(tokenizer, q, a, chat_prompt, max_length) for q, a in pairs]
+    n = max(len(r[0]) for r in rows)
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id or 0
+    ids = torch.full((len(rows), n), pad, dtype=torch.long)
+    labels = torch.full((len(rows), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, :len(x)] = torch.tensor(x)
+        labels[i, :len(y)] = torch.tensor(y)
+        mask[i, :len(x)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def as_engine(engine: Any) -> EngineView:

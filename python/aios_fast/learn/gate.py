@@ -1,4 +1,5 @@
-"""The validation gate (module ``gate`` so that ``aios_fast.learn.validate`` stays the function): a skill card is kept only if it measurably helps and does little harm.
+"""The validation gate: a skill card is kept only if it measurably helps and does little harm.
+(This module is ``gate`` so that ``aios_fast.learn.validate`` stays the function.)
 
 - Encoders: recall@1 and MRR@10 of held-out questions retrieving their answers (cosine, among
   the held-out answers); drift = 1 − mean cosine between base and adapted embeddings of general

@@ -143,6 +143,23 @@ class Adapter:
                        self.scaling, self.weight, self.merged)
 
 
+def _add_lora(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+              s: float) -> torch.Tensor:
+    """``out + s · (x @ Aᵀ) @ Bᵀ`` without forming ``B @ A``."""
+    if x.dtype != A.dtype:
+        x = x.to(A.dtype)
+    h = nn.functional.linear(x, A)  # (..., r): the cheap place to apply the scale
+    if s != 1.0:
+        h = h * s
+    if (out.dtype == B.dtype and out.is_contiguous()
+            and not (torch.is_grad_enabled() and (out.requires_grad or h.requires_grad))):
+        # Inference: accumulate into the base output (a fresh tensor from Linear/Conv1D), one
+        # fused addmm instead of a matmul, an allocation and an add.
+        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t())
+        return out
+    return out + nn.functional.linear(h, B).to(out.dtype)
+
+
 class LoRALayer(nn.Module):
     """Wraps ``base_layer`` (kept as a child, so its parameters move with the model) and adds
     the active adapters' low-rank updates to its output.
@@ -161,10 +178,22 @@ class LoRALayer(nn.Module):
         self.base_layer = base_layer
         self.geometry = geometry
         self.exact_unmerge = exact_unmerge
-        self._adapters: dict[str, Adapter] = {}
+        self._adapters = {}
         self._base_copy: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ table
+    @property
+    def _adapters(self) -> dict[str, Adapter]:
+        return self._table[0]
+
+    @_adapters.setter
+    def _adapters(self, table: dict[str, Adapter]) -> None:
+        # Copy-on-write: the table and the forward's pre-sorted views are swapped in together
+        # (one attribute assignment), so a concurrent forward sees either all old or all new.
+        glob = tuple(a for a in table.values() if a.weight is not None and not a.merged)
+        scoped = tuple(a for a in table.values() if a.weight is None)
+        object.__setattr__(self, "_table", (table, glob, scoped))
+
     @property
     def adapters(self) -> Mapping[str, Adapter]:
         """The current adapter table (a snapshot; do not mutate)."""
@@ -211,20 +240,16 @@ class LoRALayer(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
-        table = self._adapters  # snapshot: safe against concurrent add/remove
-        if not table:
-            return out
-        scoped = ACTIVE_SCOPED.get()
-        for ad in table.values():
-            if ad.weight is None:  # scoped adapter: only where the current context entered it
-                w = scoped.get(ad.name)
-                if w is None:
-                    continue
-                h = nn.functional.linear(x.to(ad.A.dtype), ad.A) * (w * ad.scaling)
-                out = out + nn.functional.linear(h, ad.B).to(out.dtype)
-            elif not ad.merged:
-                h = nn.functional.linear(x.to(ad.A.dtype), ad.A)
-                out = out + nn.functional.linear(h, ad.b_scaled()).to(out.dtype)
+        _, glob, scoped = self._table  # one snapshot: safe against concurrent add/remove
+        for ad in glob:  # global, unmerged: B already carries weight·scaling
+            out = _add_lora(out, x, ad.A, ad.b_scaled(), 1.0)
+        if scoped:
+            active = ACTIVE_SCOPED.get()
+            if active:  # scoped adapters count only where the current context entered them
+                for ad in scoped:
+                    w = active.get(ad.name)
+                    if w is not None:
+                        out = _add_lora(out, x, ad.A, ad.B, w * ad.scaling)
         return out
 
     # ------------------------------------------------------------------ merge

@@ -107,12 +107,22 @@ def _rechecksum(cols, meta) -> None:
         pass
 
 
+def write_oversized_metadata(path: Path) -> None:
+    """A card whose description exceeds the per-value metadata limit (made by the test in a
+    temporary directory rather than checked in: it is over 2 MB)."""
+    from aios_fast.cards import spec
+
+    cols, meta = _v2_parts()
+    meta["description"] = "x" * (spec.LIMITS["max_metadata_value_bytes"] + 1)
+    _write(path, cols, meta)
+
+
 def _write(name, cols, meta, *, rechecksum=True, batches=1, compression=None) -> None:
     if rechecksum and "aios_checksum" in meta and all(c in cols for c in ("dtype_a", "rank", "alpha")):
         _rechecksum(cols, meta)
     schema = pa.schema([(n, c.type) for n, c in cols.items()], metadata=meta)
     batch = pa.RecordBatch.from_arrays(list(cols.values()), schema=schema)
-    with pa.OSFile(str(HOSTILE / name), "wb") as sink:
+    with pa.OSFile(str(HOSTILE / name), "wb") as sink:  # an absolute name replaces the folder
         with ipc.new_file(sink, schema, options=ipc.IpcWriteOptions(compression=compression)) as w:
             for _ in range(batches):
                 w.write_batch(batch)
@@ -223,13 +233,16 @@ def make_hostile() -> list[str]:
     _write("missing_lora_name.lora.arrow", cols, meta_with(lora_name=None))
     _write("empty_lora_name.lora.arrow", cols, meta_with(lora_name=""))
     _write("naming_unknown.lora.arrow", cols, meta_with(aios_naming="klingon"))
-    _write("metadata_value_huge.lora.arrow", cols, meta_with(description="x" * ((64 << 10) + 1)))
     _write("target_modules_unknown.lora.arrow", cols, meta_with(target_modules="nothing.here"))
     # v1 files: the v1 path has its own checks
     e = expected_v1()
     e["A"] = dict(e["A"])
     e["A"][V1_MODULES[0]] = e["A"][V1_MODULES[0]].astype(np.float64)
-    arrowengine_save(e, HOSTILE / "v1_float64.lora.arrow")
+    arrowengine_save(e, HOSTILE / "v1_a_float64_b_float32.lora.arrow")
+    e = expected_v1()
+    e["A"] = dict(e["A"])
+    e["A"][V1_MODULES[1]] = e["A"][V1_MODULES[1]].astype("<i4")
+    arrowengine_save(e, HOSTILE / "v1_dtype_int32.lora.arrow")
     e = expected_v1()
     e["B"] = {k: np.ascontiguousarray(v[:, :1]) for k, v in e["B"].items()}
     arrowengine_save(e, HOSTILE / "v1_b_rank_mismatch.lora.arrow")
