@@ -158,6 +158,9 @@ def test_cli_import_export_roundtrip(tmp_path, capsys):
     assert cli_main(["qa", "import", str(src), "--log", str(log_dir), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["added"], out["duplicates"]) == (5, 1)
+    assert cli_main(["qa", "stats", "--log", str(log_dir), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["records"] == 5 and stats["domains"] == {"x": 3, "y": 2} and stats["fragments"] == 1
     dst = tmp_path / "out.jsonl"
     assert cli_main(["qa", "export", "--log", str(log_dir), str(dst), "--domain", "x"]) == 0
     back = [json.loads(l) for l in dst.read_text().splitlines()]
@@ -168,3 +171,16 @@ def test_cli_import_export_roundtrip(tmp_path, capsys):
     assert cli_main(["qa", "import", str(bad), "--log", str(log_dir)]) == 1
     assert "bad.jsonl:2: router_confidence" in capsys.readouterr().err
     assert len(QALogger(log_dir)) == 5  # nothing from the bad file was appended
+
+
+def test_temp_files_dead_removed_live_ignored(tmp_path):
+    with QALogger(tmp_path) as log:
+        log.log("q", "a")
+    dead = tmp_path / ".tmp-999999999-deadbeef.parquet"   # no such pid
+    live = tmp_path / f".tmp-{os.getppid()}-cafe.parquet"  # a live process's flush in progress
+    for p in (dead, live):
+        p.write_bytes(b"PAR1 half written")
+    log = QALogger(tmp_path)
+    assert not dead.exists() and live.exists()
+    assert log.collect().num_rows == 1
+    assert ds.dataset(str(tmp_path), format="parquet").count_rows() == 1

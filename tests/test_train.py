@@ -181,3 +181,13 @@ def test_bare_model_and_tokenizer(hf_minilm, minilm_tokenizer, minilm_dir):
     card, rep = LoRATrainer((model, minilm_tokenizer)).train(TRAIN[:8], epochs=1, batch_size=8, rank=2)
     assert rep.steps == 1 and card.rank == 2
     _assert_restored(model, snap)
+
+
+@pytest.mark.cuda
+def test_train_on_cuda_moves_back(encoder):
+    snap = _snapshot(encoder.model)
+    card, rep = LoRATrainer(encoder).train(TRAIN[:16], epochs=1, batch_size=8, rank=4, device="cuda")
+    assert rep.device.startswith("cuda") and rep.steps == 2
+    assert all(t.device.type == "cpu" for t in card.weights_A.values())
+    assert next(encoder.model.parameters()).device.type == "cpu"
+    _assert_restored(encoder.model, snap)

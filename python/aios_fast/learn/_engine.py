@@ -42,8 +42,9 @@ class EngineView:
     # ---------------------------------------------------------------- encoders
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         tok = getattr(self.engine, "tokenize", None)
-        if tok is not None and self._embed is not None:
-            return tok(list(texts))
+        if tok is not None and self._embed is not None:  # the engine's own (lower-casing etc.)
+            dev = self.device  # the trainer may have moved the model off the engine's device
+            return {k: v.to(dev) for k, v in tok(list(texts)).items()}
         b = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                            return_tensors="pt")
         return {k: v.to(self.device) for k, v in b.items()}

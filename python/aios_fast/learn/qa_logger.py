@@ -113,7 +113,9 @@ class QALogger:
                 pid = int(p.name.split("-")[1])
             except (IndexError, ValueError):
                 pid = -1
-            if pid == os.getpid() or pid < 0 or not _pid_alive(pid):
+            # a live writer's temp file (this process's other loggers included) is left alone;
+            # readers ignore it anyway (hidden name)
+            if pid < 0 or (pid != os.getpid() and not _pid_alive(pid)):
                 p.unlink(missing_ok=True)
 
     def _new_fragment_name(self) -> Path:

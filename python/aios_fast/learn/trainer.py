@@ -150,6 +150,7 @@ class LoRATrainer:
             epochs, lr, batch_size, seed: optimisation (AdamW); same seed on CPU -> same card.
             init: "default" (PEFT: A Kaiming-uniform, B = 0) or "pissa" (principal factors).
             device: move the model there for training (it is moved back afterwards).
+            name: the card's name. progress: show a rich progress bar (on a terminal).
             on_trained: called with the model while the trained adapters are still in place
                 (eval mode), e.g. to record the training-time outputs.
             options: further :class:`TrainConfig` fields (scale, weight_decay, max_grad_norm, ...).
@@ -176,7 +177,9 @@ class LoRATrainer:
         fingerprint = fingerprint_model(model)
         report = TrainingReport(objective=cfg.objective, device=str(dev), config=_jsonable(cfg),
                                 target_modules=keys)
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        cuda_ids = [dev.index if dev.index is not None else torch.cuda.current_device()] \
+            if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_ids):
             torch.manual_seed(cfg.seed)
             gen = torch.Generator().manual_seed(cfg.seed)
             A0, B0, residual = init_factors(model, keys, cfg.rank, cfg.scaling, cfg.init, gen)
@@ -184,7 +187,7 @@ class LoRATrainer:
                 model.to(dev)
             try:
                 with injected(model, A0, B0, cfg.scaling, residual, train=True) as layers:
-                    self._loop(cfg, data, layers, gen, report)
+                    self._loop(cfg, data, layers, gen, report, progress)
                     model.eval()
                     A = {k: l.lora_A.detach().to("cpu", torch.float32).clone() for k, l in layers.items()}
                     B = {k: l.lora_B.detach().to("cpu", torch.float32).clone() for k, l in layers.items()}
@@ -207,7 +210,7 @@ class LoRATrainer:
         nll, n = view.token_nll(view.sft_batch(batch))
         return nll / n.clamp_min(1)
 
-    def _loop(self, cfg, data, layers, gen, report: TrainingReport) -> None:
+    def _loop(self, cfg, data, layers, gen, report: TrainingReport, progress: bool) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         params = [p for l in layers.values() for p in (l.lora_A, l.lora_B)]
@@ -219,7 +222,7 @@ class LoRATrainer:
         t0 = time.perf_counter()
         with Progress(TextColumn("[bold]train[/] {task.description}"), BarColumn(),
                       TextColumn("{task.completed}/{task.total} steps"), TimeRemainingColumn(),
-                      transient=True, disable=not _interactive()) as bar:
+                      transient=True, disable=not (progress and _interactive())) as bar:
             task = bar.add_task(f"{cfg.objective} r={cfg.rank}", total=total)
             for _epoch in range(cfg.epochs):
                 order = torch.randperm(len(data), generator=gen).tolist()

@@ -14,7 +14,7 @@ any other leading shape (a pooler's (batch, features)) are counted whole.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterator, Sequence, Sized
 
 import torch
 from torch import nn
@@ -178,20 +178,31 @@ class WeightMapProbe:
         p = next(self.model.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
-    def _batches(self, inputs: Any, batch_size: int) -> list[Any]:
+    def _batches(self, inputs: Any, batch_size: int) -> tuple[Iterator[Any], int | None]:
+        """(batches, count or None). Texts are chunked for the engine; other iterables are
+        consumed lazily (a generator of tokenised batches is never held in memory at once)."""
         if isinstance(inputs, (str, dict, torch.Tensor)):
             inputs = [inputs]
-        items = list(inputs)
-        if self.engine is not None and items and all(isinstance(t, str) for t in items):
-            return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-        if any(isinstance(t, str) for t in items):
-            raise InputError("texts need an engine that tokenizes (e.g. aios_fast.engines.SentenceEncoder "
-                             "or any object with .model and .tokenize(texts)); with a bare nn.Module pass "
-                             "batches of model inputs (dicts of tensors or tensors)")
-        for i, b in enumerate(items):
-            if not isinstance(b, (dict, torch.Tensor, tuple, list)):
-                raise InputError(f"batch {i} is a {type(b).__name__}; expected a dict of tensors or a tensor")
-        return items
+        if isinstance(inputs, Sequence) and inputs and all(isinstance(t, str) for t in inputs):
+            if self.engine is None:
+                raise InputError("texts need an engine that tokenizes (e.g. aios_fast.engines.SentenceEncoder "
+                                 "or any object with .model and .tokenize(texts)); with a bare nn.Module pass "
+                                 "batches of model inputs (dicts of tensors or tensors)")
+            texts = list(inputs)
+            chunks = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+            return iter(chunks), len(chunks)
+        total = len(inputs) if isinstance(inputs, Sized) else None
+
+        def checked() -> Iterator[Any]:
+            for i, b in enumerate(inputs):
+                if isinstance(b, str):
+                    raise InputError("mix of texts and batches: pass a list of texts (with an engine) "
+                                     "or an iterable of model-input batches")
+                if not isinstance(b, (dict, torch.Tensor, tuple, list)):
+                    raise InputError(f"batch {i} is a {type(b).__name__}; expected a dict of tensors or a tensor")
+                yield b
+
+        return checked(), total
 
     def _forward(self, batch: Any, device: torch.device) -> None:
         if isinstance(batch, list) and batch and isinstance(batch[0], str):
@@ -222,23 +233,25 @@ class WeightMapProbe:
         """Run ``inputs`` through the model with fresh accumulators; return them (still on device)."""
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
-        batches = self._batches(inputs, batch_size)
-        if not batches:
-            raise InputError("no inputs to probe (empty corpus)")
+        batches, total = self._batches(inputs, batch_size)
         self.reset()
         device = self._device()
         was_attached = self.attached
         self.attach()
-        task = progress.add_task(description, total=len(batches)) if progress is not None else None
+        task = progress.add_task(description, total=total) if progress is not None else None
+        done = 0
         try:
             with torch.no_grad():
                 for b in batches:
                     self._forward(b, device)
+                    done += 1
                     if task is not None:
                         progress.advance(task)
         finally:
             if not was_attached:
                 self.detach()
+        if done == 0:
+            raise InputError("no inputs to probe (empty corpus)")
         return self._states
 
     def probe(self, task_inputs: Any, baseline_inputs: Any = None, batch_size: int = 32,
