@@ -131,7 +131,7 @@ def test_forward_probe(benchmark, model, batch, reference_output, outputs):
     try:
         out = benchmark.pedantic(_forward, args=(model, batch), rounds=ROUNDS, warmup_rounds=1)
         calls = ROUNDS + 1
-        stats = {n: st.to_dict() for n, st in p._states.items()}
+        stats = p.statistics()
     finally:
         p.detach()
     assert torch.equal(out, reference_output)  # hooks change nothing

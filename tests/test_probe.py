@@ -140,11 +140,13 @@ def test_scores_and_hot_zones(heatmaps):
         hm.hot_zones(0)
 
 
-def test_contrast_without_baseline_is_refused(engine):
+def test_contrast_without_baseline_is_refused(engine, tmp_path):
     hm = WeightMapProbe(engine, modules=r"layer\.0\.attention\.self").probe(["one text"])
     assert hm.default_score() == "mean_norm"
     with pytest.raises(InputError, match="needs baseline inputs"):
         hm.scores("contrast")
+    back = HeatMap.load(hm.save(tmp_path / "h.parquet"))
+    assert back.baseline is None and back.stats == hm.stats
 
 
 def test_detach_leaves_no_hooks_also_after_exception(engine):
@@ -159,6 +161,20 @@ def test_detach_leaves_no_hooks_also_after_exception(engine):
     assert sum(len(m._forward_hooks) for m in model.modules()) == len(p.module_names)
     p.detach()
     p.detach()
+    assert no_hooks(model)
+
+
+def test_hooks_work_under_inference_mode_grad_and_plain_calls():
+    """States made inside inference_mode must still accept updates outside it (and vice versa)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8)).eval()
+    for impl in ("cpp", "torch"):
+        with WeightMapProbe(model, impl=impl) as p:
+            with torch.inference_mode():
+                model(torch.randn(3, 4))
+            model(torch.randn(2, 4))
+            model(torch.randn(5, 4, requires_grad=True)).sum().backward()
+            assert p.statistics()["0"]["count"] == 10
     assert no_hooks(model)
 
 
@@ -201,6 +217,9 @@ def test_plain_module_with_tensor_batches_and_bar_chart(tmp_path):
     with torch.no_grad():
         out = torch.cat([model[0](b).reshape(-1, 33) for b in batches]).double()
     assert hm.stats["0"]["mean_norm"] == pytest.approx(out.norm(dim=1).mean().item(), rel=1e-5)
+    model.train()
+    WeightMapProbe(model).probe(batches)
+    assert model.training  # probe runs in eval mode and restores the mode afterwards
     png = hm.to_png(tmp_path / "bars.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

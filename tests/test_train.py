@@ -68,7 +68,7 @@ def trained(encoder):
     flags = {n: p.requires_grad for n, p in encoder.model.named_parameters()}
     seen = {}
     card, report = LoRATrainer(encoder).train(
-        TRAIN, objective="contrastive", rank=8, alpha=16, epochs=4, lr=2e-3, batch_size=16, seed=0,
+        TRAIN, objective="contrastive", rank=8, alpha=16, epochs=4, lr=3e-3, batch_size=16, seed=0,
         name="ferrowind", on_trained=lambda m: seen.setdefault("out", _probe_outputs(m, encoder)))
     _assert_restored(encoder.model, snap)
     assert {n: p.requires_grad for n, p in encoder.model.named_parameters()} == flags
@@ -86,7 +86,7 @@ def test_contrastive_skill_raises_heldout_recall(encoder, trained, tmp_path):
     print(f"\nheld-out recall@1 {val.before:.3f} -> {val.after:.3f}, "
           f"MRR@10 {val.details['mrr@10_before']:.3f} -> {val.details['mrr@10_after']:.3f}, drift {val.drift:.4f}")
     assert val.passed, val.reasons
-    assert val.after - val.before >= 0.15  # measured: 0.533 -> 0.800
+    assert val.after - val.before >= 0.15  # measured: 0.533 -> 0.800 (seeds 1-3: 0.733, 0.867, 0.733)
     assert val.details["mrr@10_after"] > val.details["mrr@10_before"]
     assert 0 < val.drift < 0.15
     assert json.loads(card.metadata["validation"])["passed"] is True

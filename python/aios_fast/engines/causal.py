@@ -112,8 +112,7 @@ class CausalLM:
                 raise InputError(f"{self.gguf_path} is not a GGUF file (missing the 'GGUF' magic bytes)")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise InputError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype!r}")
-        self.device = resolve_device(device)
-        self.dtype = dtype
+        device = resolve_device(device)
 
         import transformers
 
@@ -131,9 +130,18 @@ class CausalLM:
                 _write_cache(model, tokenizer, cached)
         self.cache_dir = cached
         self.tokenizer = tokenizer
-        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.model = model.to(device=device, dtype=dtype).eval()
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are now (follows the model if a trainer moves it)."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     def __repr__(self) -> str:
         return (f"CausalLM(gguf_path={str(self.gguf_path)!r}, device={str(self.device)!r}, "

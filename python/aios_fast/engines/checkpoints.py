@@ -145,6 +145,7 @@ class _GGUFIndex:
             config = AutoConfig.for_model(**parsed["config"])
         except Exception as exc:
             raise InputError(f"{file} could not be parsed as a GGUF model: {exc}") from exc
+        self.parsed = parsed
         arch = parsed["config"].get("model_type")
         self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
         gguf_arch = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch), None)
@@ -189,8 +190,13 @@ class _GGUFIndex:
             wanted = [n for n in [name, *aliases] if keep is None or keep(n)]
             if not wanted:
                 continue
-            weights = dequantize(t.data, t.tensor_type)
-            weights = self.processor.process(weights=weights, name=t.name).weights
+            # the architecture's processor undoes llama.cpp's conversion tweaks (Q/K row permutation)
+            result = self.processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
+                                            tensor_key_mapping=self.map, parsed_parameters=self.parsed)
+            if self.map.get(result.name, name) != name:
+                raise InputError(f"GGUF tensor {t.name} was renamed to {result.name} by its processor; "
+                                 "this architecture is not supported for streaming")
+            weights = result.weights
             tensor = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32).copy())
             for n in wanted:
                 yield n, tensor

@@ -163,7 +163,7 @@ class SentenceEncoder:
             max_length = int(dir_max) if dir_max else 256
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
             raise InputError(f"max_length must be an int >= 2, got {max_length!r}")
-        self.device = resolve_device(device)
+        device = resolve_device(device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(transformer_dir)
             model = AutoModel.from_pretrained(transformer_dir)
@@ -171,7 +171,12 @@ class SentenceEncoder:
             raise InputError(f"{transformer_dir} could not be loaded as a transformers encoder: {exc}") from exc
         model_max = getattr(model.config, "max_position_embeddings", None)
         self.max_length = min(max_length, model_max) if model_max else max_length
-        self.model = model.to(self.device).eval()
+        self.model = model.to(device).eval()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are now (follows the model if a trainer moves it)."""
+        return next(self.model.parameters()).device
 
     @property
     def dim(self) -> int:
@@ -224,11 +229,16 @@ class SentenceEncoder:
             return torch.zeros((0, self.dim), dtype=torch.float32)
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         out = torch.empty((len(texts), self.dim), dtype=torch.float32)
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
-                emb = self.embed(self.tokenize([texts[i] for i in idx])).float()
-                if normalize:
-                    emb = F.normalize(emb, p=2, dim=1)
-                out[torch.tensor(idx)] = emb.cpu()
+        was_training = self.model.training
+        self.model.eval()  # no dropout, whatever state a trainer left the model in
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(order), batch_size):
+                    idx = order[start:start + batch_size]
+                    emb = self.embed(self.tokenize([texts[i] for i in idx])).float()
+                    if normalize:
+                        emb = F.normalize(emb, p=2, dim=1)
+                    out[torch.tensor(idx)] = emb.cpu()
+        finally:
+            self.model.train(was_training)
         return out

@@ -205,7 +205,7 @@ class LoRAExtractor:
             fp = fingerprint_model(bsrc.full_state())
         return self._build(tsrc, bsrc, plan, name=name, description=description,
                            base_fingerprint=fp or None,
-                           extra={"heat_map_budget": str(rank_budget), "heat_map_score": str(score or heat_map.default_score)})
+                           extra={"heat_map_budget": str(rank_budget), "heat_map_score": str(score or heat_map.default_score())})
 
     def select_modules(self, tsrc: WeightSource, bsrc: WeightSource, include: str | None,
                        exclude: str | None) -> list[str]:

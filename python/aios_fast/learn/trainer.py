@@ -183,6 +183,7 @@ class LoRATrainer:
             torch.manual_seed(cfg.seed)
             gen = torch.Generator().manual_seed(cfg.seed)
             A0, B0, residual = init_factors(model, keys, cfg.rank, cfg.scaling, cfg.init, gen)
+            gen = torch.Generator().manual_seed(cfg.seed)  # data order independent of the init
             if dev != home:
                 model.to(dev)
             try:

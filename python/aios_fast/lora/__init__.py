@@ -2,5 +2,7 @@
 
 from .layer import LoRALayer, dispatch_conv1d, dispatch_linear
 from .manager import LoRAManager
+from .random import linear_shapes, random_card
 
-__all__ = ["LoRAManager", "LoRALayer", "dispatch_linear", "dispatch_conv1d"]
+__all__ = ["LoRAManager", "LoRALayer", "dispatch_linear", "dispatch_conv1d", "linear_shapes",
+           "random_card"]

@@ -143,6 +143,10 @@ class WeightMapProbe:
     def __exit__(self, *exc: Any) -> None:
         self.detach()
 
+    def statistics(self) -> dict[str, dict[str, float]]:
+        """What the attached hooks accumulated so far (since attach or :meth:`reset`), read back now."""
+        return self._snapshot(self._states)[0]
+
     def reset(self) -> None:
         """Forget the accumulated statistics."""
         self._states = {}
@@ -162,7 +166,10 @@ class WeightMapProbe:
                 x = x.float()
             st = self._states.get(name)
             if st is None:
-                st = self._states[name] = NormState.empty(feats, x.device)
+                # Normal tensors even under inference_mode, so later calls outside it can still
+                # update them in place.
+                with torch.inference_mode(False):
+                    st = self._states[name] = NormState.empty(feats, x.device)
             mask = self._mask if out.shape[:-1] == self._mask_shape else None
             if x.device.type != dev_type:  # module moved after attach: resolve for the new device once
                 if not fallback:
@@ -230,17 +237,20 @@ class WeightMapProbe:
 
     def run(self, inputs: Any, *, batch_size: int = 32, progress: Any = None,
             description: str = "probing") -> dict[str, NormState]:
-        """Run ``inputs`` through the model with fresh accumulators; return them (still on device)."""
+        """Run ``inputs`` through the model (in eval mode, no grad) with fresh accumulators; return
+        them, still on the device."""
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         batches, total = self._batches(inputs, batch_size)
         self.reset()
         device = self._device()
         was_attached = self.attached
+        was_training = self.model.training
         self.attach()
         task = progress.add_task(description, total=total) if progress is not None else None
         done = 0
         try:
+            self.model.eval()  # dropout would make the statistics random
             with torch.no_grad():
                 for b in batches:
                     self._forward(b, device)
@@ -248,6 +258,7 @@ class WeightMapProbe:
                     if task is not None:
                         progress.advance(task)
         finally:
+            self.model.train(was_training)
             if not was_attached:
                 self.detach()
         if done == 0:
