@@ -48,7 +48,7 @@ class TrainConfig:
     scale: float = 20.0           # contrastive: cosine -> logits multiplier
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
-    explode_factor: float = 3.0   # loss > factor·(mean earlier loss) + explode_margin: divergence
+    explode_factor: float = 2.0   # loss > factor·(mean earlier loss) + explode_margin: divergence
     explode_margin: float = 1.0
 
     def __post_init__(self) -> None:
