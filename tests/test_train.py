@@ -191,3 +191,13 @@ def test_train_on_cuda_moves_back(encoder):
     assert all(t.device.type == "cpu" for t in card.weights_A.values())
     assert next(encoder.model.parameters()).device.type == "cpu"
     _assert_restored(encoder.model, snap)
+
+
+def test_pairs_from_qalogger_table(tmp_path):
+    from aios_fast.learn import QALogger
+    from aios_fast.learn._engine import as_pairs
+
+    with QALogger(tmp_path) as log:
+        log.log_many(TRAIN[:5])
+    assert as_pairs(QALogger(tmp_path).collect()) == [(r["query"], r["answer"]) for r in TRAIN[:5]]
+    assert QALogger(tmp_path).pairs(domain="ferrowind")[0] == (TRAIN[0]["query"], TRAIN[0]["answer"])

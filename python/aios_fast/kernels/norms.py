@@ -217,7 +217,7 @@ def _token_norms_cuda(x: torch.Tensor, state: NormState | None = None,
 
 
 @backends.register("token_norms", "cpp", devices=("cpu",), priority=20,
-                   why="one pass, AVX2/F16C over features, no upcast copy; ~30x faster than the "
+                   why="one pass, AVX2/F16C over features, no upcast copy; 12-30x faster than the "
                        "torch ops on MiniLM's outputs (benchmarks/bench_probe.py)",
                    available=_cpp_available)
 def _token_norms_cpp(x: torch.Tensor, state: NormState | None = None,

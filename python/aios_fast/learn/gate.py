@@ -176,7 +176,7 @@ def validate(card, engine: Any, heldout_pairs: Any, guard_texts: Sequence[str], 
         gain = before[metric] - after[metric]
     reasons = []
     if not math.isfinite(after[metric]) or not gain >= margin:
-        reasons.append(f"{metric} {'rose' if metric == 'answer_nll' else 'moved'} from {before[metric]:.4f} "
+        reasons.append(f"{metric} went from {before[metric]:.4f} "
                        f"to {after[metric]:.4f}: gain {gain:+.4f} is below the margin {margin}")
     if not drift <= max_drift:
         reasons.append(f"drift on the guard set is {drift:.4f}, above the bound {max_drift}")

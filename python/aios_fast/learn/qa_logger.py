@@ -282,7 +282,7 @@ class QALogger:
                 table = table.filter(pc.field("timestamp") >= pa.scalar(cutoff, SCHEMA.field("timestamp").type))
             if self.max_bytes is not None and table.num_rows:
                 # drop oldest rows until the estimated on-disk size fits (size is ~linear in rows)
-                per_row = max(1.0, self.nbytes() / max(1, sum(pq.ParquetFile(f).metadata.num_rows for f in old)))
+                per_row = max(1.0, self.nbytes() / max(1, sum(pq.read_metadata(f).num_rows for f in old)))
                 keep = int(self.max_bytes / per_row)
                 if keep < table.num_rows:
                     table = table.slice(table.num_rows - keep)
