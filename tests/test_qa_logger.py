@@ -109,23 +109,24 @@ def test_cross_process_duplicates_dropped_by_collect(tmp_path):
 
 
 _WRITER = r"""
-import sys
+import os, sys
 from aios_fast.learn import QALogger
 log = QALogger(sys.argv[1], flush_every=10**9)
-big = "x" * 20000  # large answers make each flush take a while, so kills land mid-write
 i = 0
 while True:
     for _ in range(25):
-        log.log(f"question {i}", f"answer {i} {big}", domain="kill")
+        # incompressible answers make each flush take a while, so kills land mid-write
+        log.log(f"question {i}", f"answer {i} " + os.urandom(8000).hex(), domain="kill")
         i += 1
     log.flush()
     print(i, flush=True)  # everything below i is durable now
 """
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.013, 0.031], ids=["kill-early", "kill-mid1", "kill-mid2"])
-def test_sigkill_during_flush_loses_only_unflushed(tmp_path, delay):
+@pytest.mark.parametrize("when", ["temp-file-seen", "after-0ms", "after-13ms", "after-31ms"])
+def test_sigkill_during_flush_loses_only_unflushed(tmp_path, when):
     flushed = 0
+    hit_temp = False
     with subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)],
                           stdout=subprocess.PIPE, text=True) as proc:
         try:
@@ -133,17 +134,24 @@ def test_sigkill_during_flush_loses_only_unflushed(tmp_path, delay):
                 flushed = int(line)
                 if flushed >= 100:
                     break
-            time.sleep(delay)
+            if when == "temp-file-seen":  # kill the moment a flush has its temp file open
+                deadline = time.monotonic() + 20
+                while not hit_temp and time.monotonic() < deadline:
+                    hit_temp = any(tmp_path.glob(".tmp-*"))
+            else:
+                time.sleep(int(when.split("-")[1][:-2]) / 1000)
             proc.send_signal(signal.SIGKILL)
         finally:
             proc.kill()
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    if when == "temp-file-seen":
+        assert hit_temp, "never saw a flush in progress"
     log = QALogger(tmp_path)  # cleans the dead writer's temp files
     assert not list(tmp_path.glob(".tmp-*"))
     t = log.collect()
     got = set(t.column("query").to_pylist())
-    assert {f"question {i}" for i in range(flushed)} <= got
+    assert {f"question {i}" for i in range(flushed)} <= got  # nothing flushed was lost
     assert t.num_rows % 25 == 0  # fragments are all-or-nothing
     assert ds.dataset(str(tmp_path), format="parquet").count_rows() == t.num_rows
 
