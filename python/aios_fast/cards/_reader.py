@@ -8,6 +8,7 @@ mapping. Nothing is allocated from a size the file declares before it has been b
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import struct
@@ -30,9 +31,11 @@ class _Bad(Exception):
     """Internal: a problem found while reading; turned into CardFormatError with the path."""
 
 
-def _read(path: Path, verify: bool = True) -> dict[str, Any]:
+def _read(path: Path, verify: bool = True, defer_checksum: bool = False) -> dict[str, Any]:
+    """Parse and check ``path``. With ``defer_checksum`` the O(bytes) hash is not run here:
+    ``result["checksum_job"]`` computes it, so the caller can overlap it with other work."""
     try:
-        return _read_checked(path, verify)
+        return _read_checked(path, verify, defer_checksum)
     except _Bad as exc:
         raise CardFormatError(f"{path}: {exc}") from None
     except (pa.ArrowException, OSError, ValueError, OverflowError, UnicodeDecodeError,
@@ -42,7 +45,7 @@ def _read(path: Path, verify: bool = True) -> dict[str, Any]:
         raise CardFormatError(f"{path}: not a readable .lora.arrow card ({type(exc).__name__}: {exc})") from None
 
 
-def _read_checked(path: Path, verify: bool) -> dict[str, Any]:
+def _read_checked(path: Path, verify: bool, defer_checksum: bool = False) -> dict[str, Any]:
     lim = spec.LIMITS
     try:
         size = path.stat().st_size
@@ -99,7 +102,7 @@ def _read_checked(path: Path, verify: bool) -> dict[str, Any]:
     rows = _check_rows(cols, version, mm, base)
     header = _check_header(meta, rows, version)
     stored = meta.get(spec.KEY_CHECKSUM)
-    computed, status = None, "absent"
+    computed, status, job = None, "absent", None
     if version == 2:
         if stored is None:
             raise _Bad(f"v2 card has no {spec.KEY_CHECKSUM} key")
@@ -107,15 +110,19 @@ def _read_checked(path: Path, verify: bool) -> dict[str, Any]:
             raise _Bad(f"checksum {stored[:40]!r} uses an unknown algorithm; expected {spec.CHECKSUM_ALGO}")
         if verify:
             raw = {k: v for k, v in (schema.metadata or {}).items()}
-            computed = spec.checksum(
-                ((r["module"], r["dtype_a"], r["dtype_b"], r["shape_a"], r["shape_b"], r["rank"],
-                  r["alpha"], r["view_a"], r["view_b"]) for r in rows), raw)
-            status = "ok" if computed == stored else "mismatch"
+            items = [(r["module"], r["dtype_a"], r["dtype_b"], r["shape_a"], r["shape_b"],
+                      r["rank"], r["alpha"], r["view_a"], r["view_b"]) for r in rows]
+            job = functools.partial(spec.checksum, items, raw)
+            if defer_checksum:
+                status = "pending"
+            else:
+                computed = job()
+                status = "ok" if computed == stored else "mismatch"
         else:
             status = "unverified"
     return {**header, "version": version, "rows": rows, "metadata": header["metadata"],
             "file_bytes": size, "checksum_stored": stored, "checksum_computed": computed,
-            "checksum_status": status, "mmap": mm}
+            "checksum_status": status, "checksum_job": job, "mmap": mm}
 
 
 def _check_metadata(raw: dict[bytes, bytes]) -> dict[str, str]:

@@ -14,6 +14,8 @@ anything is viewed, the way safetensors checks its header.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,11 @@ from ._reader import _build_card, _infer_naming, _read
 from .card import _SKIP_VALUE_SCAN, LoRACard, dtype_name
 
 __all__ = ["LoRAFormat"]
+
+
+@lru_cache(maxsize=1)
+def _hash_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="aios-card-hash")
 
 
 class LoRAFormat:
@@ -75,18 +82,30 @@ class LoRAFormat:
             CardFormatError: naming the file and the problem, for anything corrupt,
                 truncated, inconsistent or hostile.
         """
-        parsed = _read(Path(path), verify=verify)
-        if verify and parsed["checksum_status"] == "mismatch":
-            raise CardFormatError(
-                f"{path}: checksum mismatch: file says {parsed['checksum_stored']}, "
-                f"content hashes to {parsed['checksum_computed']} (corrupted or tampered)")
+        parsed = _read(Path(path), verify=verify, defer_checksum=True)
+        # The hash runs on a worker thread (hashlib releases the GIL on large buffers) while
+        # this thread builds and value-scans the card; no tensor leaves before both are done.
+        job = parsed["checksum_job"]
+        pending = _hash_pool().submit(job) if job is not None else None
         token = _SKIP_VALUE_SCAN.set(not verify)
+        built: LoRACard | None = None
+        error: CardFormatError | None = None
         try:
-            return _build_card(parsed)
+            built = _build_card(parsed)
         except CardFormatError as exc:
-            raise CardFormatError(f"{path}: {exc}") from None
+            error = CardFormatError(f"{path}: {exc}")
         finally:
             _SKIP_VALUE_SCAN.reset(token)
+        if pending is not None:
+            computed = pending.result()
+            if computed != parsed["checksum_stored"]:
+                # a mismatch explains any other problem found in the same bytes: report it first
+                raise CardFormatError(
+                    f"{path}: checksum mismatch: file says {parsed['checksum_stored']}, "
+                    f"content hashes to {computed} (corrupted or tampered)")
+        if error is not None:
+            raise error
+        return built
 
     @staticmethod
     def inspect(path: str | os.PathLike) -> dict[str, Any]:
