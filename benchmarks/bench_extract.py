@@ -71,7 +71,7 @@ def _run(cmd, env=None):
 def test_aios_fast_extract(benchmark, pair):
     d, planted = pair
     out = d / "ours.lora.arrow"
-    cmd = [sys.executable, "-m", "aios_fast.cli", "extract", "--base", str(d / "base"), "--tuned", str(d / "tuned"),
+    cmd = [sys.executable, "-c", "import sys; from aios_fast.cli import main; sys.exit(main())", "extract", "--base", str(d / "base"), "--tuned", str(d / "tuned"),
            "--rank", str(RANK), "--out", str(out), "--summary", str(d / "ours.json"), "--no-progress"]
     benchmark.group = "whole-model extraction, SmolLM2-135M-sized, rank 16"
     benchmark.pedantic(lambda: TIMES.__setitem__("ours", _run(cmd)), rounds=1, iterations=1)

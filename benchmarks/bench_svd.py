@@ -93,7 +93,8 @@ def test_truncated_svd(benchmark, shape, dt, k, method):
     if method == "full":
         # the converged randomized reference agrees with LAPACK
         np.testing.assert_allclose(ref[:k].numpy(), S[:k].numpy(), rtol=1e-4)
-    assert err < 2e-2, f"{method}: σ_{k} relative error {err:.2e}"
+    # ours is held to its accuracy contract; a peer only has to be a sane SVD
+    assert err < (2e-2 if method == "ours" else 1e-1), f"{method}: σ_{k} relative error {err:.2e}"
     t = benchmark.stats.stats.min
     benchmark.extra_info.update({"method": method, "sigma_r_rel_err": err, "shape": list(shape), "dtype": dt,
                                  "rank": k, "min_s": t})
@@ -134,3 +135,23 @@ def _plot(results):
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(PNG)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "torch"])
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_delta_sketch_pass(benchmark, impl, dt):
+    """One fused pass (convert + subtract + ‖D‖² + D @ Ω) over a 4096×11008 pair: the compiled
+    tile converter against the torch reference (both hand tiles to torch's GEMM)."""
+    from aios_fast import _native, backends
+
+    if impl == "cpp" and not _native.has("delta_tile"):
+        pytest.skip("aios_fast._C has no delta_tile")
+    T, B, _ = pair((4096, 11008), dt)
+    X = torch.randn(11008, 26, generator=torch.Generator().manual_seed(1))
+    benchmark.group = f"delta_sketch pass 4096x11008 {dt}"
+    out = benchmark.pedantic(lambda: backends.call("delta_sketch", "cpu", T, B, X, None, force=impl),
+                             rounds=3, iterations=1, warmup_rounds=1)
+    D = T.float() - B.float()
+    torch.testing.assert_close(out[0], D @ X, rtol=1e-4, atol=1e-3)
+    assert out[2] == pytest.approx(float((D.double() ** 2).sum()), rel=1e-5)
+    benchmark.extra_info.update({"method": f"sketch-{impl}", "sigma_r_rel_err": 0.0, "min_s": benchmark.stats.stats.min})

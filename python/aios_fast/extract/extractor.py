@@ -33,8 +33,9 @@ __all__ = ["LoRAExtractor", "ModuleResult", "DEFAULT_SKIP"]
 # alone (mergekit's users ask for the choice); decompose them with include_embeddings=True.
 DEFAULT_SKIP = r"(^|\.)(embed_tokens|word_embeddings|position_embeddings|token_type_embeddings|wte|wpe|lm_head|embed_out)$"
 
-# Exact nuclear fraction needs the whole spectrum: done when the module is this small.
-_EXACT_NUCLEAR_ELEMS = 1 << 21
+# The exact nuclear fraction needs the whole spectrum (a full SVD, what we exist to avoid):
+# computed only for modules this small; above, estimated (see ModuleResult.nuclear).
+_EXACT_NUCLEAR_ELEMS = 1 << 16
 
 
 @dataclass
@@ -46,7 +47,10 @@ class ModuleResult:
     rank: int
     energy: float  # Σσ²(kept) / ‖ΔW‖²_F, true Frobenius norm
     nuclear: float  # Σσ(kept) / Σσ
-    nuclear_exact: bool  # False: Σσ over the sketch's ℓ values only (an upper bound)
+    # False: Σσ estimated as Σ(sketch's ℓ values) + √(c·R), with R = ‖ΔW‖²_F − Σσ²(sketch) the
+    # energy left outside the sketch and c the number of remaining singular values — the
+    # largest tail Cauchy–Schwarz allows (a flat tail), so the fraction is a lower bound.
+    nuclear_exact: bool
     frob: float  # ‖ΔW‖_F
     seconds: float
     A: torch.Tensor | None = None
@@ -147,8 +151,12 @@ class LoRAExtractor:
         ``include``/``exclude``: regexes (``re.search``) on module keys. Unchanged modules
         (ΔW = 0) are left out. ``base_fingerprint``: a string to record, ``True`` to compute
         ``fingerprint_model`` of the base (default: computed when base is a state dict or
-        module). Metadata ``explained_variance`` holds per-module ``energy`` and ``nuclear``
-        fractions (JSON); ``energy_fraction`` the total Σσ²(kept)/Σ‖ΔW‖²_F.
+        module). Metadata ``explained_variance`` holds per-module ``energy`` (exact: the true
+        ‖ΔW‖_F comes from the fused pass) and ``nuclear`` Σσ(kept)/Σσ fractions (JSON).
+        The nuclear fraction needs every σ: it is exact (``nuclear_exact``) for modules of at
+        most 2^16 elements and otherwise a lower bound from the sketch's spectrum plus the
+        largest tail the leftover energy allows. ``energy_fraction`` is the total
+        Σσ²(kept)/Σ‖ΔW‖²_F over all selected modules.
         """
         mode = _mode(rank, energy, sv_ratio, epsilon, self.rank)
         if isinstance(tuned, torch.Tensor) or isinstance(base, torch.Tensor):
@@ -264,7 +272,9 @@ class LoRAExtractor:
             full = torch.linalg.svdvals((T.to(torch.float64) - B.to(torch.float64)))
             total = float(full.sum())
         else:
-            total = float(res.sketch_S.double().sum())
+            sk = res.sketch_S.double()
+            rest = max(fro2 - float((sk ** 2).sum()), 0.0)
+            total = float(sk.sum()) + math.sqrt(max(small - sk.numel(), 0) * rest)
         nuclear = float(S.double().sum()) / total if total > 0 else 1.0
         s = math.sqrt(keep / self.alpha)
         root = S.clamp_min(0).sqrt()

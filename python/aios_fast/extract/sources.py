@@ -7,9 +7,9 @@ holds about two modules in memory, not two models:
 * safetensors: one file, a sharded set (``*.safetensors.index.json``), or a directory holding
   them (transformers / sentence-transformers layout) — read lazily through the mmap of
   ``safetensors.safe_open``;
-* ArrowEngine Parquet directories and GGUF files — through the engines' checkpoint readers
-  (``aios_fast.engines.load_state_dict``), which load the whole state dict (GGUF weights are
-  quantised and must be decoded anyway);
+* ArrowEngine Parquet directories, GGUF files and ``pytorch_model.bin`` directories — through
+  the engines' checkpoint readers (``aios_fast.engines.load_state_dict``), which load the whole
+  state dict (GGUF weights are quantised and must be decoded anyway);
 * an in-memory state dict or ``nn.Module``.
 """
 
@@ -154,13 +154,11 @@ def open_source(obj, label: str = "checkpoint") -> WeightSource:
         if missing:
             raise InputError(f"{label}: shard(s) {[str(m) for m in missing]} named by the index are missing")
         return SafetensorsSource(files, str(path))
-    is_parquet_dir = path.is_dir() and any(path.glob("*.parquet"))
-    if path.suffix == ".gguf" or is_parquet_dir:
-        try:
-            from ..engines import load_state_dict
-        except (ImportError, AttributeError) as exc:
-            raise BackendUnavailableError(
-                f"{label}: reading {path} needs aios_fast.engines.load_state_dict ({exc})") from None
-        return DictSource(load_state_dict(path), str(path))
-    raise InputError(f"{label}: {path} is not a safetensors file/directory/index, a Parquet directory "
-                     f"or a .gguf file")
+    # Everything else (GGUF, ArrowEngine Parquet, pytorch_model.bin directories) through the
+    # engines' readers, which validate the kind and load the state dict (GGUF is quantised and
+    # must be decoded anyway).
+    try:
+        from ..engines.checkpoints import load_state_dict
+    except ImportError as exc:  # pragma: no cover - engines ship with the package
+        raise BackendUnavailableError(f"{label}: reading {path} needs aios_fast.engines ({exc})") from None
+    return DictSource(load_state_dict(path), str(path))
