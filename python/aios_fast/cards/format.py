@@ -26,7 +26,7 @@ import torch
 
 from ..errors import CardFormatError
 from . import spec
-from ._atomic import atomic_write
+from .._atomic import atomic_write
 from ._reader import _build_card, _infer_naming, _read
 from .card import _SKIP_VALUE_SCAN, LoRACard, dtype_name
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
+from .._atomic import atomic_write_bytes
 from ._common import add_json_flag, console, print_json
 
 
@@ -49,20 +48,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json_flag(p)
     p.set_defaults(func=run)
-
-
-def _atomic_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         "per_module": [r.summary() for r in results],
     }
     if args.summary:
-        _atomic_json(args.summary, summary)
+        atomic_write_bytes(args.summary, json.dumps(summary, indent=2).encode())
     if args.json:
         print_json(summary)
     else:

@@ -1,4 +1,4 @@
-"""Small helpers shared by the engines: device resolution and atomic file writes."""
+"""Small helpers shared by the engines: device resolution and temporary paths for atomic writes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from ..errors import BackendUnavailableError, InputError
 
-__all__ = ["resolve_device", "atomic_write_bytes", "atomic_replace_from"]
+__all__ = ["resolve_device", "temp_path_beside"]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -26,24 +26,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def atomic_replace_from(tmp: Path, final: Path) -> None:
-    """fsync ``tmp`` and rename it over ``final`` (same directory), so readers see old or new, never half."""
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    # fsync the directory so the rename itself survives a crash (POSIX only).
-    try:
-        fd = os.open(final.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def temp_path_beside(final: Path) -> Path:
     """A fresh temporary file name in ``final``'s directory (same filesystem, so rename is atomic)."""
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
@@ -52,13 +34,3 @@ def temp_path_beside(final: Path) -> Path:
     # would mean setting it, which races with other threads)
     os.chmod(name, 0o644)
     return Path(name)
-
-
-def atomic_write_bytes(final: Path, data: bytes) -> None:
-    tmp = temp_path_beside(final)
-    try:
-        tmp.write_bytes(data)
-        atomic_replace_from(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ._util import atomic_replace_from, atomic_write_bytes, temp_path_beside
+from .._atomic import atomic_write_bytes, replace_durably
+from ._util import temp_path_beside
 
 __all__ = ["ModelConverter", "DTYPES", "WEIGHTS_FILE", "METADATA_FILE"]
 
@@ -290,7 +291,7 @@ class ModelConverter:
         tmp = temp_path_beside(final)
         try:
             _write_weights(tmp, sd)
-            atomic_replace_from(tmp, final)
+            replace_durably(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..cards._atomic import atomic_write
+from .._atomic import atomic_write
 from ..cards.card import LoRACard
 from ..errors import CardFormatError
 

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from .._atomic import fsync_dir
 from ..errors import InputError
 from .records import QARecord, parse_timestamp
 
@@ -52,17 +53,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class QALogger:
@@ -135,7 +125,7 @@ class QALogger:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         return final
 
     def _read_column(self, column: str) -> list[Any]:
@@ -289,7 +279,7 @@ class QALogger:
             new = self._write_fragment(table) if table.num_rows else None
             for f in old:
                 f.unlink(missing_ok=True)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             self._keys = set(table.column("key").to_pylist())
             return new
 

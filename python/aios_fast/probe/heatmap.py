@@ -22,13 +22,13 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .._atomic import atomic_write
 from ..errors import InputError
 
 __all__ = ["HeatMap", "split_name", "SCORES"]
@@ -37,13 +37,6 @@ SCORES = ("raw_l2", "mean_norm", "contrast", "effect_size")
 _STAT_KEYS = ("count", "sum", "sumsq", "max", "mean_norm", "raw_l2", "std_norm")
 _FORMAT_VERSION = "1"
 _LAYER_RX = re.compile(r"^(?:(.*?)\.)?(\d+)\.(.+)$")
-
-
-def _file_mode() -> int:
-    """0o666 minus the umask: what a plain open() would have given (mkstemp makes 0o600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def split_name(name: str) -> tuple[int | None, str]:
@@ -145,18 +138,8 @@ class HeatMap:
         import pyarrow.parquet as pq
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                pq.write_table(self.to_table(), fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, _file_mode())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        table = self.to_table()
+        atomic_write(path, lambda fh: pq.write_table(table, fh))
         return path
 
     @classmethod

@@ -3,14 +3,13 @@ transformer-like names (``...<layer>.<kind>``), else a horizontal bar chart."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .heatmap import _file_mode, split_name
+from .._atomic import atomic_write
+from .heatmap import split_name
 
 if TYPE_CHECKING:
     from .heatmap import HeatMap
@@ -36,21 +35,6 @@ def _grid(hm: "HeatMap", scores: dict[str, float]):
         cells[(layer, kind)] = scores[m]
     layers.sort()
     return layers, kinds, cells
-
-
-def _atomic_savefig(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def render_png(hm: "HeatMap", path: Path, score: str) -> Path:
@@ -98,7 +82,7 @@ def render_png(hm: "HeatMap", path: Path, score: str) -> Path:
         ax.set_xlabel(_LABELS.get(score, score))
     ax.set_title(title, fontsize=9)
     try:
-        _atomic_savefig(fig, path)
+        atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120, bbox_inches="tight"))
     finally:
         plt.close(fig)
     return path

@@ -1,5 +1,5 @@
-"""Atomic file writes for files users keep (cards, adapters): a crash leaves the old file or
-the new one under the final name, never a partial one."""
+"""Atomic file writes for every file users keep (cards, heat maps, weights, summaries, PNGs):
+a crash leaves the old file or the new one under the final name, never a partial one."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "atomic_write_bytes", "replace_durably", "fsync_dir"]
 
 
 def _umask() -> int:
@@ -29,6 +29,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     file is removed and the old ``path`` is untouched. Returns ``path``."""
     path = Path(path)
     directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         try:
@@ -45,11 +46,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return path
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """fsync a directory so a rename inside it survives a crash (no-op where unsupported)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds (Windows)
@@ -60,3 +62,19 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Atomically replace ``path`` with ``data``."""
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def replace_durably(tmp: Path, final: Path) -> None:
+    """For writers that need a file name rather than a file object (e.g. a row-group Parquet
+    writer): fsync the finished ``tmp`` (in ``final``'s directory), rename it over ``final``,
+    then fsync the directory."""
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
