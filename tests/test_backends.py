@@ -76,3 +76,17 @@ def test_table_names_a_choice_for_cpu_for_every_operation():
     rows = [r for r in backends.table(("cpu",))]
     assert {r["operation"] for r in rows} == {o.name for o in backends.operations()}
     assert all(r["chosen"] for r in rows)
+
+
+def test_compiled_core_is_built_and_every_cpp_kernel_is_available():
+    """The conformance tests skip an unavailable implementation; this makes sure that a broken
+    or missing _C build fails the suite instead of silently skipping the compiled kernels."""
+    from aios_fast import _native
+
+    info = _native.build_info()
+    assert info["compiled"], info.get("reason")
+    for op in backends.operations():
+        for impl in op.impls:
+            if impl.name == "cpp":
+                ok, why = impl.available()
+                assert ok, f"{op.name}: cpp implementation unavailable: {why}"
