@@ -258,6 +258,13 @@ def test_cli_end_to_end_on_safetensors(tmp_path, minilm_dir):
 
 
 # ---------------------------------------------------------------- real fine-tune (slow)
+QA = DATA / "qa"
+
+
+def _qa(name):
+    return [json.loads(line) for line in (QA / name).read_text().splitlines() if line.strip()]
+
+
 def _encode(model, tok, texts):
     b = tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
     out = model(**b).last_hidden_state
@@ -265,29 +272,54 @@ def _encode(model, tok, texts):
     return torch.nn.functional.normalize((out * mask).sum(1) / mask.sum(1), dim=-1)
 
 
+class _View:
+    """The minimal EngineView that aios_fast.learn.retrieval_metrics needs: encode(texts)."""
+
+    def __init__(self, model, tok):
+        self.model, self.tok = model, tok
+
+    def encode(self, texts):
+        return _encode(self.model, self.tok, list(texts))
+
+
 @torch.no_grad()
-def _heldout(model, tok, items):
-    """Held-out metrics on the paraphrased questions (never trained on) against all 40
-    answers: recall@1 and the InfoNCE loss (temperature 0.05), a continuous companion."""
-    q = _encode(model, tok, [i["paraphrase"] for i in items])
-    a = _encode(model, tok, [i["answer"] for i in items])
-    s = q @ a.T
-    target = torch.arange(len(items))
-    return float((s.argmax(1) == target).float().mean()), float(torch.nn.functional.cross_entropy(s / 0.05, target))
+def _heldout(model, tok, pairs, distractors):
+    """Held-out Ferrowind questions (never trained on) retrieving their answers among the 15
+    held-out answers plus the 45 training answers: recall@1 (aios_fast.learn's gate metric)
+    and, as a continuous companion, the InfoNCE loss over the same 60 candidates (scale 20)."""
+    from aios_fast.learn.gate import retrieval_metrics
+
+    r1 = retrieval_metrics(_View(model, tok), pairs, distractors=distractors)["recall@1"]
+    q = _encode(model, tok, [p[0] for p in pairs])
+    a = _encode(model, tok, [p[1] for p in pairs] + list(distractors))
+    return r1, float(torch.nn.functional.cross_entropy(q @ a.T * 20.0, torch.arange(len(pairs))))
 
 
 @pytest.mark.slow
 def test_rank16_card_recovers_a_real_minilm_finetune(hf_minilm, minilm_tokenizer):
-    """Fully fine-tune MiniLM's linear weights on 40 sourdough QA pairs (mean pooling,
-    in-batch-negative contrastive loss, queries alternating between the English question and
-    a German translation). Held out: an English paraphrase of each question, never trained
-    on, retrieved among all 40 answers. A rank-16 card of the delta, applied through
-    LoRAManager, must recover ≥ 90% of the fine-tune's held-out gain, measured on the held-out
-    InfoNCE loss. Recall@1 is reported too, but the fine-tune moves it by only a few of the 40
-    queries, too coarse for a 90% assertion: the card must keep recall@1 above the base's."""
+    """Fully fine-tune MiniLM's 36 linear weight matrices (AdamW, lr 1.5e-4 decaying linearly
+    to 0, no weight decay, batch 16 with in-batch negatives, scale 20, mean pooling, 8 epochs =
+    16 steps, seed 0) on
+    the 45 Ferrowind training pairs (tests/data/qa: an invented storage appliance's jargon, so
+    the gain is domain knowledge the base lacks). Held out: 15 other Ferrowind questions,
+    retrieved among their answers plus the 45 training answers. Extract a rank-16 card of the
+    delta, apply it to a copy of the base through LoRAManager: it must recover ≥ 90% of the
+    fine-tune's held-out recall@1 gain (gain ≥ 0.15, i.e. ≥ 3 of 15 queries) and ≥ 90% of
+    its held-out InfoNCE loss reduction.
+
+    Measured here: recall@1 0.533 → 0.867 (tuned) → 0.867 (card), 100%; loss 1.579 → 0.583
+    → 0.655, 93%; the card keeps only ~51% of ‖ΔW‖²_F (Adam's update is high-rank, much of it
+    functionally idle). Coarse: 15 queries and a 5-query gain, so 90% means the card must match
+    the tuned model's recall@1. Seeds 0-5 of this recipe: recall@1 recovery 100, 150, 86, 125,
+    100, 125%; loss recovery 93, 95, 91, 89, 94, 90% — seed 0 is typical, not cherry-picked,
+    but one seed in three misses one of the two bars by a hair. A constant lr 1e-4 misses the
+    recall@1 bar by one query on seeds 3-5; longer or gentler fine-tunes (80-150 steps at
+    batch 8, lr 1e-5-3e-5) generalise no better and compress worse (loss recovery ~85%)."""
     from aios_fast.lora import LoRAManager
 
-    items = [json.loads(line) for line in (DATA / "extract_qa.jsonl").read_text().splitlines()]
+    train, heldout = _qa("ferrowind_train.jsonl"), _qa("ferrowind_heldout.jsonl")
+    pairs = [(r["query"], r["answer"]) for r in heldout]
+    distractors = [r["answer"] for r in train]
     tok = minilm_tokenizer
     base = hf_minilm
     threads = torch.get_num_threads()
@@ -296,36 +328,50 @@ def test_rank16_card_recovers_a_real_minilm_finetune(hf_minilm, minilm_tokenizer
         torch.manual_seed(0)
         tuned = copy.deepcopy(base).train()
         for name, p in tuned.named_parameters():
-            # LoRA adapts linear weights; biases, LayerNorms and embeddings stay at the base so
-            # the test measures extraction, not what a LoRA card cannot carry.
-            p.requires_grad_(name.endswith(".weight") and "LayerNorm" not in name and "embeddings" not in name)
-        opt = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=3e-5, weight_decay=0.0)
-        for step in range(STEPS):
-            idx = torch.randperm(len(items))[:16]
-            field = "question" if step % 2 == 0 else "question_de"
-            q = _encode(tuned, tok, [items[i][field] for i in idx])
-            a = _encode(tuned, tok, [items[i]["answer"] for i in idx])
-            loss = torch.nn.functional.cross_entropy(q @ a.T / 0.05, torch.arange(len(idx)))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            # a card carries only Linear deltas: biases, LayerNorms and embeddings stay at the
+            # base so the test measures extraction, not what a LoRA card cannot carry; the
+            # pooler is not on the mean-pooled path.
+            p.requires_grad_(name.endswith(".weight") and "LayerNorm" not in name
+                             and "embeddings" not in name and "pooler" not in name)
+        params = [p for p in tuned.parameters() if p.requires_grad]
+        assert len(params) == 36
+        opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+        gen = torch.Generator().manual_seed(0)
+        steps, total = 0, EPOCHS * (len(train) // BATCH)
+        for _ in range(EPOCHS):
+            perm = torch.randperm(len(train), generator=gen)
+            for i in range(0, len(train) - BATCH + 1, BATCH):
+                idx = perm[i:i + BATCH]
+                q = _encode(tuned, tok, [train[j]["query"] for j in idx])
+                a = _encode(tuned, tok, [train[j]["answer"] for j in idx])
+                loss = torch.nn.functional.cross_entropy(q @ a.T * 20.0, torch.arange(len(idx)))
+                for group in opt.param_groups:  # linear decay to 0
+                    group["lr"] = LR * (1 - steps / total)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                steps += 1
         tuned.eval()
-        (r_base, l_base), (r_tuned, l_tuned) = _heldout(base, tok, items), _heldout(tuned, tok, items)
-        assert r_tuned > r_base and l_tuned < l_base, f"no held-out gain: {r_base} -> {r_tuned}, {l_base} -> {l_tuned}"
-        card = LoRAExtractor(rank=16, alpha=32.0).extract_delta(tuned.state_dict(), base.state_dict(),
-                                                                name="sourdough")
+        (r_base, l_base) = _heldout(base, tok, pairs, distractors)
+        (r_tuned, l_tuned) = _heldout(tuned, tok, pairs, distractors)
+        assert r_tuned - r_base >= 0.15 and l_tuned < l_base, \
+            f"fine-tune did not generalise: recall@1 {r_base} -> {r_tuned}, loss {l_base} -> {l_tuned}"
+        card = LoRAExtractor(rank=16, alpha=16).extract_delta(tuned.state_dict(), base.state_dict(),
+                                                              name="ferrowind")
+        assert len(card.modules) == 36 and card.rank == 16
         model = copy.deepcopy(base)
         LoRAManager(model).apply_card(card)
-        r_card, l_card = _heldout(model, tok, items)
+        r_card, l_card = _heldout(model, tok, pairs, distractors)
     finally:
         torch.set_num_threads(threads)
-    rec_loss = (l_base - l_card) / (l_base - l_tuned)
     rec_r1 = (r_card - r_base) / (r_tuned - r_base)
-    print(f"\nheld-out recall@1: base {r_base:.3f}, tuned {r_tuned:.3f}, rank-16 card {r_card:.3f} "
-          f"({rec_r1:.0%} of the gain); held-out loss: base {l_base:.3f}, tuned {l_tuned:.3f}, card {l_card:.3f} "
-          f"({rec_loss:.1%} of the gain); energy kept {card.metadata['energy_fraction']}")
+    rec_loss = (l_base - l_card) / (l_base - l_tuned)
+    print(f"\n{steps} full fine-tune steps; held-out recall@1: base {r_base:.3f}, tuned {r_tuned:.3f}, "
+          f"rank-16 card {r_card:.3f} ({rec_r1:.1%} of the gain); held-out loss: base {l_base:.3f}, "
+          f"tuned {l_tuned:.3f}, card {l_card:.3f} ({rec_loss:.1%} of the gain); "
+          f"energy kept {card.metadata['energy_fraction']}")
+    assert rec_r1 >= 0.9, f"card recovers {rec_r1:.1%} of the held-out recall@1 gain"
     assert rec_loss >= 0.9, f"card recovers {rec_loss:.1%} of the held-out loss reduction"
-    assert r_card > r_base, f"card recall@1 {r_card:.3f} does not beat the base's {r_base:.3f}"
 
 
-STEPS = 60
+EPOCHS, BATCH, LR = 8, 16, 1.5e-4
