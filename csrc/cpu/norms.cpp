@@ -34,6 +34,7 @@
 #include <omp.h>
 #endif
 
+#include "cpu/half.h"
 #include "registry.h"
 #ifdef AIOS_FAST_WITH_CUDA
 #include "cuda/norms.h"
@@ -45,38 +46,6 @@ namespace aios {
 namespace {
 
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
-
-inline float bf16_to_float(uint16_t h) {
-    uint32_t u = static_cast<uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-// IEEE half -> float by bits (portable path; the AVX2 path uses F16C instead).
-inline float f16_to_float(uint16_t h) {
-    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu;
-    uint32_t mant = h & 0x3ffu;
-    uint32_t u;
-    if (exp == 0x1f) {
-        u = sign | 0x7f800000u | (mant << 13);  // inf / nan
-    } else if (exp != 0) {
-        u = sign | ((exp + 112u) << 23) | (mant << 13);  // normal: rebias 15 -> 127
-    } else if (mant == 0) {
-        u = sign;  // +-0
-    } else {  // subnormal: normalise
-        exp = 113;
-        while ((mant & 0x400u) == 0) {
-            mant <<= 1;
-            --exp;
-        }
-        u = sign | (exp << 23) | ((mant & 0x3ffu) << 13);
-    }
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
 
 template <int DT>
 inline float load_one(const void* base, int64_t i) {

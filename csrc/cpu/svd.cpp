@@ -17,6 +17,7 @@
 #include <omp.h>
 #endif
 
+#include "cpu/half.h"
 #include "registry.h"
 #ifdef AIOS_FAST_WITH_CUDA
 #include "cuda/svd.h"
@@ -29,38 +30,14 @@ namespace {
 
 enum Kind { F32 = 0, F16 = 1, BF16 = 2 };
 
-inline float bf16_to_f32(uint16_t h) {
-    uint32_t bits = static_cast<uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-}
-
-// IEEE half -> float without F16C: shift exponent+mantissa into place and rebias by a
-// multiplication by 2^112, which also normalises subnormals; inf/nan get the full exponent.
-// Branch-light so GCC vectorises the loop.
-inline float f16_to_f32(uint16_t h) {
-    uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-    uint32_t em = static_cast<uint32_t>(h & 0x7fffu) << 13;
-    float f;
-    std::memcpy(&f, &em, 4);
-    f *= 5.192296858534828e+33f;  // 2^112
-    uint32_t bits;
-    std::memcpy(&bits, &f, 4);
-    if ((h & 0x7c00u) == 0x7c00u) bits = em | 0x7f800000u;  // inf / nan keep their payload
-    bits |= sign;
-    std::memcpy(&f, &bits, 4);
-    return f;
-}
-
 template <Kind K>
 inline float load(const void* p, int64_t i) {
     if constexpr (K == F32) {
         return static_cast<const float*>(p)[i];
     } else if constexpr (K == F16) {
-        return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+        return f16_to_float(static_cast<const uint16_t*>(p)[i]);
     } else {
-        return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+        return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
     }
 }
 
