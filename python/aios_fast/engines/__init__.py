@@ -6,8 +6,7 @@ Classes are imported lazily so that ``import aios_fast.engines`` stays light."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_exports
 
 __all__ = ["SentenceEncoder", "CausalLM", "ModelConverter", "load_state_dict", "iter_tensors"]
 
@@ -19,15 +18,4 @@ _LAZY = {
     "iter_tensors": ".checkpoints",
 }
 
-
-def __getattr__(name: str) -> Any:
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'aios_fast.engines' has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
