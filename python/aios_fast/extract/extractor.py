@@ -168,14 +168,9 @@ class LoRAExtractor:
             tsrc, bsrc = open_source(tuned, "tuned"), open_source(base, "base")
         keys = self.select_modules(tsrc, bsrc, include, exclude)
         plan = [(k, mode, max_rank) for k in keys]
-        fp = base_fingerprint
-        if fp is None:
-            fp = isinstance(base, (Mapping, torch.nn.Module)) and not isinstance(base, WeightSource)
-        if fp is True:
-            from ..cards import fingerprint_model
-            fp = fingerprint_model(bsrc.full_state())
+        fp = _resolve_fingerprint(base, bsrc, base_fingerprint)
         return self._build(tsrc, bsrc, plan, name=name, description=description,
-                           base_fingerprint=fp or None, extra={"mode": json.dumps(mode)})
+                           base_fingerprint=fp, extra={"mode": json.dumps(mode)})
 
     def extract_from_heat_map(self, tuned, base, heat_map, rank_budget: int, *, score: str | None = None,
                               min_rank: int = 1, max_rank: int | None = None, name: str = "extracted",
@@ -205,14 +200,9 @@ class LoRAExtractor:
         ranks = allocate_budget(scores, rank_budget, {k: min(tsrc.shape(k)) for k in scores},
                                 min_rank=min_rank, max_rank=max_rank)
         plan = [(k, ("rank", r), None) for k, r in ranks.items()]
-        fp = base_fingerprint
-        if fp is None:
-            fp = isinstance(base, (Mapping, torch.nn.Module)) and not isinstance(base, WeightSource)
-        if fp is True:
-            from ..cards import fingerprint_model
-            fp = fingerprint_model(bsrc.full_state())
+        fp = _resolve_fingerprint(base, bsrc, base_fingerprint)
         return self._build(tsrc, bsrc, plan, name=name, description=description,
-                           base_fingerprint=fp or None,
+                           base_fingerprint=fp,
                            extra={"heat_map_budget": str(rank_budget), "heat_map_score": str(score or heat_map.default_score())})
 
     def select_modules(self, tsrc: WeightSource, bsrc: WeightSource, include: str | None,
@@ -441,4 +431,17 @@ class _progress:
         if self.enabled:
             self.p.__exit__(*exc)
         return False
+
+
+def _resolve_fingerprint(base, bsrc, requested: str | bool | None) -> str | None:
+    """The card's base fingerprint: a given string as is; ``True`` computes it; ``None`` computes
+    it only when the base is in memory (a state dict or a module), since for a checkpoint path
+    it would mean reading the whole base model once more."""
+    fp = requested
+    if fp is None:
+        fp = isinstance(base, (Mapping, torch.nn.Module)) and not isinstance(base, WeightSource)
+    if fp is True:
+        from ..cards import fingerprint_model
+        fp = fingerprint_model(bsrc.full_state())
+    return fp or None
 
