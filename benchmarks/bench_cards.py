@@ -310,16 +310,8 @@ def test_remove_peft_unload(benchmark, minilm, batch, peft_dir):
 
 
 # --------------------------------------------------------------------------- (c) inference
-# One intra-op thread: on a shared 2-core VM this keeps the other tenants' load from swamping
-# the few-percent difference being measured.
-@pytest.fixture(scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
+# One intra-op thread (benchmarks/conftest.py): on a shared 2-core VM this keeps the other
+# tenants' load from swamping the few-percent difference being measured.
 @pytest.fixture(scope="module")
 def variants(minilm, card_files, peft_dir, one_thread):
     """label -> model: the base, our card unmerged / merged, PEFT's adapter unmerged."""

@@ -19,7 +19,6 @@ The comparison figure is written to docs/img/svd_bench.png.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np

@@ -36,12 +36,7 @@ HELDOUT = [(r["query"], r["answer"]) for r in _jsonl("ferrowind_heldout.jsonl")]
 DISTRACTORS = [a for _, a in TRAIN]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -296,7 +296,7 @@ def _heldout(model, tok, pairs, distractors):
 
 
 @pytest.mark.slow
-def test_rank16_card_recovers_a_real_minilm_finetune(hf_minilm, minilm_tokenizer):
+def test_rank16_card_recovers_a_real_minilm_finetune(hf_minilm, minilm_tokenizer, one_thread):
     """Fully fine-tune MiniLM's 36 linear weight matrices (AdamW, lr 1.5e-4 decaying linearly
     to 0, no weight decay, batch 16 with in-batch negatives, scale 20, mean pooling, 8 epochs =
     16 steps, seed 0) on
@@ -322,48 +322,43 @@ def test_rank16_card_recovers_a_real_minilm_finetune(hf_minilm, minilm_tokenizer
     distractors = [r["answer"] for r in train]
     tok = minilm_tokenizer
     base = hf_minilm
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on a shared 2-core VM one thread is ~5x faster than two fighting
-    try:
-        torch.manual_seed(0)
-        tuned = copy.deepcopy(base).train()
-        for name, p in tuned.named_parameters():
-            # a card carries only Linear deltas: biases, LayerNorms and embeddings stay at the
-            # base so the test measures extraction, not what a LoRA card cannot carry; the
-            # pooler is not on the mean-pooled path.
-            p.requires_grad_(name.endswith(".weight") and "LayerNorm" not in name
-                             and "embeddings" not in name and "pooler" not in name)
-        params = [p for p in tuned.parameters() if p.requires_grad]
-        assert len(params) == 36
-        opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-        gen = torch.Generator().manual_seed(0)
-        steps, total = 0, EPOCHS * (len(train) // BATCH)
-        for _ in range(EPOCHS):
-            perm = torch.randperm(len(train), generator=gen)
-            for i in range(0, len(train) - BATCH + 1, BATCH):
-                idx = perm[i:i + BATCH]
-                q = _encode(tuned, tok, [train[j]["query"] for j in idx])
-                a = _encode(tuned, tok, [train[j]["answer"] for j in idx])
-                loss = torch.nn.functional.cross_entropy(q @ a.T * 20.0, torch.arange(len(idx)))
-                for group in opt.param_groups:  # linear decay to 0
-                    group["lr"] = LR * (1 - steps / total)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                steps += 1
-        tuned.eval()
-        (r_base, l_base) = _heldout(base, tok, pairs, distractors)
-        (r_tuned, l_tuned) = _heldout(tuned, tok, pairs, distractors)
-        assert r_tuned - r_base >= 0.15 and l_tuned < l_base, \
-            f"fine-tune did not generalise: recall@1 {r_base} -> {r_tuned}, loss {l_base} -> {l_tuned}"
-        card = LoRAExtractor(rank=16, alpha=16).extract_delta(tuned.state_dict(), base.state_dict(),
-                                                              name="ferrowind")
-        assert len(card.modules) == 36 and card.rank == 16
-        model = copy.deepcopy(base)
-        LoRAManager(model).apply_card(card)
-        r_card, l_card = _heldout(model, tok, pairs, distractors)
-    finally:
-        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    tuned = copy.deepcopy(base).train()
+    for name, p in tuned.named_parameters():
+        # a card carries only Linear deltas: biases, LayerNorms and embeddings stay at the
+        # base so the test measures extraction, not what a LoRA card cannot carry; the
+        # pooler is not on the mean-pooled path.
+        p.requires_grad_(name.endswith(".weight") and "LayerNorm" not in name
+                         and "embeddings" not in name and "pooler" not in name)
+    params = [p for p in tuned.parameters() if p.requires_grad]
+    assert len(params) == 36
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    steps, total = 0, EPOCHS * (len(train) // BATCH)
+    for _ in range(EPOCHS):
+        perm = torch.randperm(len(train), generator=gen)
+        for i in range(0, len(train) - BATCH + 1, BATCH):
+            idx = perm[i:i + BATCH]
+            q = _encode(tuned, tok, [train[j]["query"] for j in idx])
+            a = _encode(tuned, tok, [train[j]["answer"] for j in idx])
+            loss = torch.nn.functional.cross_entropy(q @ a.T * 20.0, torch.arange(len(idx)))
+            for group in opt.param_groups:  # linear decay to 0
+                group["lr"] = LR * (1 - steps / total)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps += 1
+    tuned.eval()
+    (r_base, l_base) = _heldout(base, tok, pairs, distractors)
+    (r_tuned, l_tuned) = _heldout(tuned, tok, pairs, distractors)
+    assert r_tuned - r_base >= 0.15 and l_tuned < l_base, \
+        f"fine-tune did not generalise: recall@1 {r_base} -> {r_tuned}, loss {l_base} -> {l_tuned}"
+    card = LoRAExtractor(rank=16, alpha=16).extract_delta(tuned.state_dict(), base.state_dict(),
+                                                          name="ferrowind")
+    assert len(card.modules) == 36 and card.rank == 16
+    model = copy.deepcopy(base)
+    LoRAManager(model).apply_card(card)
+    r_card, l_card = _heldout(model, tok, pairs, distractors)
     rec_r1 = (r_card - r_base) / (r_tuned - r_base)
     rec_loss = (l_base - l_card) / (l_base - l_tuned)
     print(f"\n{steps} full fine-tune steps; held-out recall@1: base {r_base:.3f}, tuned {r_tuned:.3f}, "

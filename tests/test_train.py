@@ -29,13 +29,7 @@ GUARD = (DATA / "guard.txt").read_text().splitlines()
 DISTRACTORS = [r["answer"] for r in TRAIN]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the CI box has 2 shared cores: one intra-op thread is much faster under contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

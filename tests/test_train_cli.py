@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from aios_fast.cards import LoRAFormat
 from aios_fast.cli import main as cli_main
@@ -15,12 +14,7 @@ from aios_fast.cli import main as cli_main
 DATA = Path(__file__).parent / "data" / "qa"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: one thread is faster under contention
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_train_defaults_pass_and_save(tmp_path, capsys):

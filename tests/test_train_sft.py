@@ -21,29 +21,24 @@ def _jsonl(name):
 
 
 @pytest.mark.slow
-def test_sft_skill_lowers_heldout_answer_nll():
+def test_sft_skill_lowers_heldout_answer_nll(one_thread):
     from aios_fast.engines import CausalLM
 
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: one thread is faster under contention
-    try:
-        lm = CausalLM()
-        snap = {k: v.clone() for k, v in lm.model.state_dict().items()}
-        train, heldout = _jsonl("ferrowind_train.jsonl")[:24], _jsonl("ferrowind_heldout.jsonl")[:8]
-        guard = (DATA / "guard.txt").read_text().splitlines()[:8]
-        card, rep = LoRATrainer(lm).train(train, objective="sft", rank=4, alpha=8, epochs=1, lr=5e-3,
-                                          batch_size=8, seed=0, target_modules=TOP_QV)
-        assert rep.objective == "sft" and rep.steps == 3
-        assert len(card.modules) == 30 and all(k.endswith(("q_proj", "v_proj")) for k in card.modules)
-        assert not any(isinstance(m, LoRALinear) for m in lm.model.modules()) and not lm.model.training
-        assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in snap.items())
-        val = validate(card, lm, heldout, guard)
-        print(f"\nheld-out answer NLL {val.before:.3f} -> {val.after:.3f} nats/token; "
-              f"guard NLL change {val.drift:+.4f}")
-        assert val.passed, val.reasons
-        assert val.before - val.after >= 0.2  # measured: 4.67 -> 4.32
-    finally:
-        torch.set_num_threads(n_threads)
+    lm = CausalLM()
+    snap = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    train, heldout = _jsonl("ferrowind_train.jsonl")[:24], _jsonl("ferrowind_heldout.jsonl")[:8]
+    guard = (DATA / "guard.txt").read_text().splitlines()[:8]
+    card, rep = LoRATrainer(lm).train(train, objective="sft", rank=4, alpha=8, epochs=1, lr=5e-3,
+                                      batch_size=8, seed=0, target_modules=TOP_QV)
+    assert rep.objective == "sft" and rep.steps == 3
+    assert len(card.modules) == 30 and all(k.endswith(("q_proj", "v_proj")) for k in card.modules)
+    assert not any(isinstance(m, LoRALinear) for m in lm.model.modules()) and not lm.model.training
+    assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in snap.items())
+    val = validate(card, lm, heldout, guard)
+    print(f"\nheld-out answer NLL {val.before:.3f} -> {val.after:.3f} nats/token; "
+          f"guard NLL change {val.drift:+.4f}")
+    assert val.passed, val.reasons
+    assert val.before - val.after >= 0.2  # measured: 4.67 -> 4.32
 
 
 def test_sft_labels_mask_prompt_and_padding():

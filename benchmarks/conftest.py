@@ -1,0 +1,16 @@
+"""Fixtures shared by the benchmarks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module's tests: on the shared 2-core CI machine, two
+    threads fighting the other tenants' load run several times slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
