@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from .._atomic import fsync_dir
+from .._atomic import atomic_write, fsync_dir
 from ..errors import InputError
 from .records import QARecord, parse_timestamp
 
@@ -311,17 +311,10 @@ class QALogger:
         import json
 
         t = self.collect(**filters).drop_columns(["key"])
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for row in t.to_pylist():
-                    row["timestamp"] = row["timestamp"].isoformat()
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        def write(f) -> None:
+            for row in t.to_pylist():
+                row["timestamp"] = row["timestamp"].isoformat()
+                f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+
+        atomic_write(path, write)
         return t.num_rows
