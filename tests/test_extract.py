@@ -255,6 +255,15 @@ def test_cli_end_to_end_on_safetensors(tmp_path, minilm_dir):
     assert rc == 0 and LoRAFormat.load(tmp_path / "e.lora.arrow").rank == 8
     assert main(["extract", "--base", str(tmp_path / "base.safetensors"), "--tuned", str(tdir),
                  "--budget", "4", "--out", str(tmp_path / "x.lora.arrow")]) == 1
+    # the subspace-iteration algorithm recovers the same planted deltas
+    rc = main(["extract", "--base", str(tmp_path / "base.safetensors"), "--tuned", str(tdir), "--rank", "8",
+               "--svd-method", "subspace", "--oversample", "10", "--out", str(tmp_path / "s.lora.arrow"),
+               "--no-progress"])
+    assert rc == 0
+    sub = LoRAFormat.load(tmp_path / "s.lora.arrow")
+    for i, k in enumerate(keys):
+        m, n = base[k + ".weight"].shape
+        torch.testing.assert_close(sub.delta(k), lowrank(m, n, 8, 0.05, seed=i), atol=1e-4, rtol=1e-3)
 
 
 # ---------------------------------------------------------------- real fine-tune (slow)

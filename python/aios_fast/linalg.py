@@ -18,6 +18,7 @@ from .errors import InputError
 __all__ = ["truncated_svd", "SVDResult"]
 
 _MATERIALIZE_BYTES = 512 << 20  # fp32 delta size up to which "auto" converts once
+_DEFAULT_OVERSAMPLE = {"krylov": 24, "subspace": 10}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 Matrix = Union[torch.Tensor, np.ndarray]
 
@@ -99,6 +100,16 @@ class _Operator:
         return self.apply()[2]
 
 
+def _materialize_pays(dev: torch.device, impl: str | None) -> bool:
+    # On the CPU a fresh m × n float32 buffer costs a page fault per 4 KiB on first touch
+    # (~20 ms for 4096², ~50 ms for 4096 × 11008 here), more than the compiled kernel spends
+    # re-converting the tiles on each of the 4-6 passes. The torch reference converts far
+    # slower, and on a GPU the caching allocator hands back warm memory.
+    if dev.type != "cpu":
+        return True
+    return backends.choose("delta_sketch", "cpu", force=impl)[0].name == "torch"
+
+
 def _direct(T, B) -> bool:
     return B is None and T.dtype in (torch.float32, torch.float64)
 
@@ -107,12 +118,85 @@ def _orth(Y):
     return backends.call("orthonormalize", Y.device.type, Y)
 
 
+def _auto_depth(k: int, small: int, method: str) -> int:
+    if method == "subspace":
+        return _auto_iters(k, small)
+    # One block-Krylov step keeps MΩ and (MMᵀ)MΩ: its gap dependence is that of ~2-3 subspace
+    # iterations (Musco & Musco 2015) for 4 passes instead of 6-8. Very small ranks of big
+    # matrices get a second step, as subspace iteration gets a third.
+    return 2 if k < 0.0025 * small else 1
+
+
 def _auto_iters(k: int, small: int) -> int:
     # Error factor of subspace iteration ~ (min(m,n)/k)^(1/(2q+1)) (Halko et al. 2011, §10.4):
     # a small rank relative to the matrix needs more iterations to separate σ_k from the tail.
     # 3 for very small ranks of big matrices (k < 1% of min(m, n)), else 2: measured enough for
     # the accuracy contract below on decaying and sqrt-flat spectra.
     return 3 if k < 0.01 * small else 2
+
+
+def _block_width(want: int, small: int) -> int:
+    # GEMM kernels run measurably faster on widths that are multiples of 8 (oneDNN/MKL and
+    # cuBLAS tile by 8 or 16: 4096²·26 columns took 12.1 ms, ·32 columns 10.6 ms on the
+    # 2-core CPU); the extra directions only enlarge the search space.
+    return min(-(-want // 8) * 8, small)
+
+
+def _new_directions(Qprev, K):
+    """Orthonormal basis of the part of span(K) orthogonal to span(Qprev), or None if K adds
+    nothing. Directions whose share outside span(Qprev) is below ~1e3·eps are dropped: they
+    are rounding noise (a Krylov space that has become invariant, e.g. for a rank-deficient M),
+    and normalising them would produce vectors that are not orthogonal to Qprev."""
+    K = K / torch.linalg.vector_norm(K, dim=0).clamp_min(torch.finfo(K.dtype).tiny)
+    for _ in range(2):  # classical Gram-Schmidt twice ("twice is enough", Giraud et al. 2005)
+        K = K - Qprev @ (Qprev.T @ K)
+    # The Gram matrix in float64: in float32 its null eigenvalues come out at ~eps·‖K‖², far
+    # above the threshold; in float64 they sit at the rounding noise of K itself.
+    Kd = K.double()
+    lam, V = torch.linalg.eigh(Kd.T @ Kd)
+    keep = lam > (1e3 * torch.finfo(K.dtype).eps) ** 2
+    if not bool(keep.any()):
+        return None
+    N = K @ (V[:, keep] / lam[keep].sqrt()).to(K.dtype)
+    N = N - Qprev @ (Qprev.T @ N)
+    return _orth(N)
+
+
+def _subspace(op, omega, k, q):
+    """Randomized subspace iteration (Halko et al. 2011, Alg. 4.4): 2q + 2 passes of ℓ columns."""
+    Y, _, fro = op.apply(X=omega)
+    fro = op.frob_sq() if fro is None else fro
+    _check_finite(fro)
+    Q = _orth(Y)
+    for _ in range(q):
+        Z = _orth(op.apply(Y=Q)[1])
+        Q = _orth(op.apply(X=Z)[0])
+    Z = op.apply(Y=Q)[1]
+    return (*_small_svd(Q, Z, k), fro)
+
+
+def _krylov(op, omega, k, q):
+    """Randomized block Krylov iteration (Musco & Musco 2015, Alg. 2) in block-Lanczos form.
+
+    The basis is Q = [Q₀ … Q_q] with span = span[MΩ, (MMᵀ)MΩ, …, (MMᵀ)^q MΩ], each block
+    orthogonalised against the previous ones. Every Wᵢ = MᵀQᵢ is kept, so QᵀM = [W₀ … W_q]ᵀ is
+    known without a final pass over M: 2q + 2 passes of ℓ columns, exactly as many as subspace
+    iteration with the same ℓ and q, whose subspace (MMᵀ)^q MΩ lies inside this one. Rayleigh–
+    Ritz on a larger subspace can only raise each Ritz value towards σᵢ and lower the rank-k
+    residual, so for the same Ω the result is never less accurate (in exact arithmetic)."""
+    Y, _, fro = op.apply(X=omega)
+    fro = op.frob_sq() if fro is None else fro
+    _check_finite(fro)
+    Qs, Ws = [_orth(Y)], []
+    for i in range(q + 1):
+        Ws.append(op.apply(Y=Qs[-1])[1])
+        if i == q:
+            break
+        Qn = _new_directions(torch.cat(Qs, 1), op.apply(X=Ws[-1])[0])
+        if Qn is None:  # the Krylov space is invariant: M has no further directions to give
+            break
+        Qs.append(Qn)
+    return (*_small_svd(torch.cat(Qs, 1), torch.cat(Ws, 1), k), fro)
 
 
 def _small_svd(Q, Z, k):
@@ -129,7 +213,7 @@ def truncated_svd(
     M: Matrix | Sequence[Matrix],
     rank: int | None = None,
     *,
-    oversample: int = 10,
+    oversample: int | None = None,
     power_iters: int | str = "auto",
     energy: float | None = None,
     tol: float | None = None,
@@ -139,29 +223,45 @@ def truncated_svd(
     device: str | torch.device | None = None,
     impl: str | None = None,
     materialize: bool | str = "auto",
+    method: str = "krylov",
 ) -> SVDResult:
-    r"""Top singular triplets of ``M`` — or of ``tuned − base`` — by randomized subspace iteration.
+    r"""Top singular triplets of ``M`` — or of ``tuned − base`` — by randomized block Krylov iteration.
 
-    Implements the randomized range finder with power (subspace) iterations of Halko,
-    Martinsson & Tropp, *Finding structure with randomness*, SIAM Review 53(2), 2011
-    (Algorithms 4.4 and 5.1), with the basis re-orthonormalised between iterations
-    (CholeskyQR2 with a Householder fallback), followed by an exact SVD of the small
-    projected matrix. The fixed-precision mode (``energy``/``tol``) is the blocked adaptive
-    range finder (Halko §4.4; Martinsson & Voronin 2016, randQB): blocks of ``block_size``
-    directions are added until the captured energy reaches the target.
+    Two algorithms, both ending in an exact SVD of the small projected matrix:
+
+    * ``method="krylov"`` (default): randomized block Krylov iteration (Musco & Musco,
+      *Randomized block Krylov methods for stronger and faster approximate SVD*, NeurIPS 2015,
+      Alg. 2) in block-Lanczos form: the basis spans MΩ, (MMᵀ)MΩ, …, (MMᵀ)^q MΩ, each block
+      orthogonalised against the earlier ones, and every MᵀQᵢ is kept so that the projection
+      needs no extra pass. Its error depends on the spectral gap like √gap where subspace
+      iteration depends on the gap itself, so one step (4 passes) does the work of two or
+      three subspace iterations (6–8 passes).
+    * ``method="subspace"``: the randomized range finder with power iterations of Halko,
+      Martinsson & Tropp, *Finding structure with randomness*, SIAM Review 53(2), 2011
+      (Algorithms 4.4 and 5.1) — what ``torch.svd_lowrank`` and sklearn run.
+
+    Bases are re-orthonormalised with CholeskyQR2 (Householder fallback). For the same Ω, ℓ and
+    q the Krylov basis contains the subspace-iteration basis, so its σᵢ and its rank-k residual
+    are never worse (Rayleigh–Ritz on a larger subspace), at the same number of passes. The
+    fixed-precision mode (``energy``/``tol``) is the blocked adaptive range finder (Halko §4.4;
+    Martinsson & Voronin 2016, randQB): blocks of ``block_size`` directions are added until the
+    captured energy reaches the target.
 
     Args:
         M: a 2-D tensor / array, or a pair ``(tuned, base)`` of equal shape. For a pair the
-            delta is never formed: every pass reads both inputs in cache-sized row tiles,
-            converting float16 / bfloat16 on the fly (``delta_sketch`` op), and the first pass
-            also returns the exact ‖tuned − base‖²_F.
+            delta is never formed in full unless ``materialize`` says so: every pass reads
+            both inputs in cache-sized row tiles, converting float16 / bfloat16 on the fly
+            (``delta_sketch`` op), and the first pass also returns the exact ‖tuned − base‖²_F.
         rank: number of components ``k`` (1 ≤ k ≤ min(m, n)). Optional when ``energy`` or
             ``tol`` is given (it then caps the rank, like ``max_rank``).
-        oversample: extra random directions ``p``; the sketch has ℓ = min(k + p, min(m, n))
-            columns. 5–10 is usually enough; more helps flat spectra a little.
-        power_iters: ``q`` passes of Mᵀ·M. ``"auto"`` uses 3 when k < 1% of min(m, n), else 2.
-            Use 0 for fast-decaying spectra when speed matters, 4–7 for flat spectra when
-            individual σᵢ matter. Each iteration costs two passes over the data.
+        oversample: extra random directions ``p``; the block has ℓ = k + p columns, rounded up
+            to a multiple of 8 (GEMMs run faster on such widths) and capped at min(m, n).
+            Default (None): 24 for ``"krylov"`` (its single step leans on the block width),
+            10 for ``"subspace"``.
+        power_iters: ``q``: Krylov steps or power iterations; each costs two passes over the
+            data. ``"auto"``: Krylov 1 step (2 when k < 0.25% of min(m, n)); subspace 3
+            iterations when k < 1% of min(m, n), else 2. Raise it when individual σᵢ of a flat
+            spectrum matter; 0 suits fast-decaying spectra when speed matters.
         energy: fixed-precision mode — return the smallest rank whose Σσᵢ² reaches this
             fraction (0, 1] of the true ‖M‖²_F.
         tol: alternative to ``energy``: residual ‖M − U S Vh‖_F ≤ tol·‖M‖_F (energy = 1 − tol²).
@@ -170,23 +270,25 @@ def truncated_svd(
         seed: seed of the Gaussian test matrix (drawn on the CPU, so results match across devices).
         device: where to compute (default: the device of ``M``); inputs are moved there.
         impl: force an implementation of ``delta_sketch`` (``"cpp"``, ``"cuda"``, ``"torch"``).
-        materialize: ``False`` streams every pass from the (half-precision) inputs, so the
-            float32 delta never exists; ``True`` writes it once during the first fused pass and
-            runs later passes as plain GEMMs; ``"auto"`` (default) does the latter when the
-            float32 delta (or float32 copy of a half-precision M) fits in 512 MiB (4096 × 11008
-            does), which measured faster.
+        materialize: ``False`` streams every pass from the inputs, so the float32 delta never
+            exists; ``True`` writes it once during the first fused pass and runs later passes
+            as plain GEMMs; ``"auto"`` (default) streams when a compiled ``delta_sketch``
+            kernel runs on the CPU (re-converting a tile costs less than first-touching a
+            fresh m × n buffer: measured on 4096 × 4096 and 4096 × 11008), and otherwise
+            materialises when the float32 delta fits in 512 MiB.
+        method: ``"krylov"`` (default) or ``"subspace"``, see above.
 
     Returns:
         :class:`SVDResult` ``(U, S, Vh)`` in float32 (float64 for float64 input), plus
         ``frob_sq``, ``sketch_S``, ``energy_fraction``.
 
-    Accuracy contract (tested against LAPACK ``numpy.linalg.svd`` in tests/test_svd.py):
-        * fast-decaying spectra (σᵢ ∝ 0.8^i or faster), ``power_iters="auto"``, oversample 10:
-          relative error of each returned σᵢ ≤ 1e-3, and ‖M − U S Vh‖_F ≤ (1 + 1e-3)·the
-          optimal rank-k error;
+    Accuracy contract (tested against LAPACK ``numpy.linalg.svd`` in tests/test_svd.py, for
+    both methods with their defaults):
+        * fast-decaying spectra (σᵢ ∝ 0.8^i or faster): relative error of each returned σᵢ
+          ≤ 1e-3, and ‖M − U S Vh‖_F ≤ (1 + 1e-3)·the optimal rank-k error;
         * flat or slowly decaying spectra (σᵢ ∝ i^-0.5, random Gaussian): reconstruction error
-          ≤ (1 + 0.05)·optimal with ``power_iters="auto"`` (individual σᵢ may be low by a few
-          percent; raise ``power_iters`` if they matter);
+          ≤ (1 + 0.05)·optimal (individual σᵢ may be low by a few percent; raise
+          ``power_iters`` if they matter);
         * rank-deficient M of rank r < k: the r nonzero σᵢ to 1e-4 relative, the others ≤ 1e-5·σ₁;
         * float16 / bfloat16 inputs are decoded exactly and computed in float32: the same
           bounds hold relative to the SVD of the decoded matrix;
@@ -225,7 +327,11 @@ def truncated_svd(
     if cap > small:
         raise InputError(f"truncated_svd: rank {cap} exceeds min(m, n) = {small} for a {m}×{n} matrix; "
                          f"a matrix has at most min(m, n) singular values — pass rank ≤ {small}")
-    if not isinstance(oversample, (int, np.integer)) or oversample < 0:
+    if method not in ("krylov", "subspace"):
+        raise InputError(f"truncated_svd: method must be 'krylov' or 'subspace', got {method!r}")
+    if oversample is None:
+        oversample = _DEFAULT_OVERSAMPLE[method]
+    if isinstance(oversample, bool) or not isinstance(oversample, (int, np.integer)) or oversample < 0:
         raise InputError(f"truncated_svd: oversample must be an integer ≥ 0, got {oversample!r}")
     if power_iters != "auto" and (not isinstance(power_iters, (int, np.integer)) or power_iters < 0):
         raise InputError(f"truncated_svd: power_iters must be 'auto' or an integer ≥ 0, got {power_iters!r}")
@@ -238,25 +344,18 @@ def truncated_svd(
     if materialize not in ("auto", True, False):
         raise InputError(f"truncated_svd: materialize must be 'auto', True or False, got {materialize!r}")
     if materialize == "auto":
-        materialize = 4 * m * n <= _MATERIALIZE_BYTES
+        materialize = _materialize_pays(dev, impl) and 4 * m * n <= _MATERIALIZE_BYTES
     op = _Operator(T, B, dev, impl, bool(materialize) and not _direct(T, B))
     gen = torch.Generator().manual_seed(int(seed))
     cd = op.cdtype
 
     if energy is None:
         k = int(cap)
-        q = _auto_iters(k, small) if power_iters == "auto" else int(power_iters)
-        ell = min(k + int(oversample), small)
+        q = _auto_depth(k, small, method) if power_iters == "auto" else int(power_iters)
+        ell = _block_width(k + int(oversample), small)
         omega = torch.randn(n, ell, generator=gen, dtype=cd).to(dev)
-        Y, _, fro = op.apply(X=omega)
-        fro = op.frob_sq() if fro is None else fro
-        _check_finite(fro)
-        Q = _orth(Y)
-        for _ in range(q):
-            Z = _orth(op.apply(Y=Q)[1])
-            Q = _orth(op.apply(X=Z)[0])
-        Z = op.apply(Y=Q)[1]
-        U, S, Vh, s_all = _small_svd(Q, Z, k)
+        run = _krylov if method == "krylov" else _subspace
+        U, S, Vh, s_all, fro = run(op, omega, k, q)
         return SVDResult(U, S, Vh, fro, s_all, q)
     return _adaptive(op, gen, energy, int(cap), power_iters, int(block_size), dev)
 

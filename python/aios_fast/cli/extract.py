@@ -35,8 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", type=int, help="total rank budget with --heat-map")
     p.add_argument("--min-explained-variance", type=float, help="flag (or --drop-low) modules below this energy")
     p.add_argument("--drop-low", action="store_true", help="drop modules below --min-explained-variance")
-    p.add_argument("--power-iters", default="auto", help="power iterations (default auto)")
-    p.add_argument("--oversample", type=int, default=10)
+    p.add_argument("--svd-method", default="krylov", choices=("krylov", "subspace"),
+                   help="randomized SVD algorithm (default krylov: block Krylov, 4 passes per module)")
+    p.add_argument("--power-iters", default="auto", help="Krylov steps / power iterations (default auto)")
+    p.add_argument("--oversample", type=int, default=None,
+                   help="extra sketch directions (default: 24 for krylov, 10 for subspace)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--workers", type=int, default=1, help="modules decomposed concurrently (default 1)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
@@ -71,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     alpha = args.alpha if args.alpha is not None else float(2 * rank)
     ex = LoRAExtractor(rank=rank, alpha=alpha, min_explained_variance=args.min_explained_variance,
                        on_low_variance="drop" if args.drop_low else "flag", oversample=args.oversample,
+                       svd_method=args.svd_method,
                        power_iters=power, include_embeddings=args.include_embeddings, device=args.device,
                        dtype=getattr(torch, args.dtype), workers=args.workers,
                        progress=not (args.no_progress or args.json))

@@ -75,7 +75,9 @@ class LoRAExtractor:
         min_explained_variance: threshold on the *energy* fraction Σσ²(kept)/‖ΔW‖²_F; modules
             below it are flagged in the card metadata (``on_low_variance="flag"``) or left out
             (``"drop"``).
-        oversample, power_iters, seed: passed to :func:`aios_fast.linalg.truncated_svd`.
+        oversample, power_iters, seed: passed to :func:`aios_fast.linalg.truncated_svd`
+            (``None`` / ``"auto"``: its defaults).
+        svd_method: ``"krylov"`` (default) or ``"subspace"``, truncated_svd's ``method``.
         include_embeddings: also decompose embedding and output-head matrices (skipped by
             default, see ``DEFAULT_SKIP``).
         device: where the SVDs run (``"cpu"``, ``"cuda"``).
@@ -88,8 +90,9 @@ class LoRAExtractor:
     alpha: float = 16.0
     min_explained_variance: float | None = None
     on_low_variance: str = "flag"
-    oversample: int = 10
+    oversample: int | None = None
     power_iters: int | str = "auto"
+    svd_method: str = "krylov"
     seed: int = 0
     include_embeddings: bool = False
     device: str = "cpu"
@@ -108,6 +111,8 @@ class LoRAExtractor:
             raise InputError(f"LoRAExtractor: min_explained_variance must be in [0, 1] or None, got {mev!r}")
         if self.on_low_variance not in ("flag", "drop"):
             raise InputError(f"LoRAExtractor: on_low_variance must be 'flag' or 'drop', got {self.on_low_variance!r}")
+        if self.svd_method not in ("krylov", "subspace"):
+            raise InputError(f"LoRAExtractor: svd_method must be 'krylov' or 'subspace', got {self.svd_method!r}")
         if not isinstance(self.workers, int) or self.workers < 1:
             raise InputError(f"LoRAExtractor: workers must be an int ≥ 1, got {self.workers!r}")
         if self.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
@@ -125,7 +130,7 @@ class LoRAExtractor:
         """
         r = self.rank if rank is None else rank
         res = truncated_svd(_tensor(W, "W"), r, oversample=self.oversample, power_iters=self.power_iters,
-                            seed=self.seed, device=self.device)
+                            seed=self.seed, device=self.device, method=self.svd_method)
         root = res.S.clamp_min(0).sqrt()
         A = (root[:, None] * res.Vh).to(self.dtype).cpu()
         B = (res.U * root[None, :]).to(self.dtype).cpu()
@@ -235,7 +240,8 @@ class LoRAExtractor:
         m, n = T.shape
         small = min(m, n)
         kind, value = mode
-        kw = dict(oversample=self.oversample, power_iters=self.power_iters, seed=self.seed, device=self.device)
+        kw = dict(oversample=self.oversample, power_iters=self.power_iters, seed=self.seed, device=self.device,
+                  method=self.svd_method)
         if kind == "rank":
             res = truncated_svd((T, B), min(value, small), **kw)
         elif kind == "energy":
