@@ -1,20 +1,25 @@
 """Randomized truncated SVD of checkpoint deltas: aios_fast.truncated_svd against its peers.
 
 Cases: float32 and bfloat16 (tuned, base) pairs of 4096×4096 and 4096×11008 (a Llama-7B
-attention / MLP matrix), rank 16 and 64. Every method gets the same oversampling (10) and
-power iterations (2) and starts from the two checkpoints, so the peers' timings include
-forming the float32 delta (what a whole-checkpoint extraction has to do):
+attention / MLP matrix), rank 16 and 64. Every method starts from the two checkpoints, so the
+peers' timings include forming the float32 delta (what a whole-checkpoint extraction has to do):
 
-* ``ours``      ``truncated_svd((tuned, base), k)`` — fused convert/subtract/sketch;
+* ``ours``      ``truncated_svd((tuned, base), k)`` with its defaults: block Krylov, one step
+  (4 passes), block k + 24 rounded up to a multiple of 8, fused convert/subtract/sketch;
+* ``ours-pq``   the same with the peers' settings, ``oversample=10, power_iters=2`` (6 passes):
+  its basis contains theirs, so it is never less accurate;
 * ``lowrank``   ``torch.svd_lowrank(tuned.float() - base.float(), q=k+10, niter=2)``;
 * ``sklearn``   ``sklearn.utils.extmath.randomized_svd(..., n_oversamples=10, n_iter=2)``;
 * ``full``      ``torch.linalg.svd`` (what mergekit's extract-lora runs per module), on
   4096×4096 float32 only and one round: on a 2-core VM it takes tens of seconds, and on
   4096×11008 minutes.
 
-Each result asserts its σ_r relative error against a converged reference (randomized SVD with
-8 power iterations and 64 oversamples, itself checked against LAPACK on the full-SVD case).
-The comparison figure is written to docs/img/svd_bench.png.
+Error: σ_k relative error against a converged reference (subspace iteration with 8 power
+iterations and 64 oversamples, itself checked against LAPACK on the full-SVD case), as the
+median and maximum over 5 random starts (seeds 0-4; ``torch.manual_seed`` for svd_lowrank),
+computed outside the timed rounds: one draw says little, the spread between draws is wide.
+Time: the minimum of 5 rounds after a warm-up. At the end the ratios to ``lowrank`` are
+printed (run with ``-s``) and the comparison figure is written to docs/img/svd_bench.png.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ SHAPES = [(4096, 4096), (4096, 11008)]
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 RANKS = [16, 64]
 P, Q = 10, 2
+SEEDS = range(5)
+METHODS = ["ours", "ours-pq", "lowrank", "sklearn", "full"]
 RESULTS: list[dict] = []
 PNG = Path(__file__).resolve().parents[1] / "docs" / "img" / "svd_bench.png"
 
@@ -49,55 +56,80 @@ def pair(shape, dt):
         base = 0.02 * torch.randn(m, n, generator=g)
         tuned = base + (U * sig) @ V.T + 1e-4 * torch.randn(m, n, generator=g)
         T, B = tuned.to(DTYPES[dt]), base.to(DTYPES[dt])
-        ref = truncated_svd((T, B), 64, oversample=64, power_iters=8).S.double()
+        ref = truncated_svd((T, B), 64, oversample=64, power_iters=8, method="subspace").S.double()
         _cache[key] = (T, B, ref)
     return _cache[key]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def plot_at_end():
+def report_at_end():
     yield
     if RESULTS:
+        _print_ratios(RESULTS)
         _plot(RESULTS)
 
 
-def _methods(shape, dt, k):
-    yield "ours", lambda T, B: truncated_svd((T, B), k, oversample=P, power_iters=Q).S
-    yield "lowrank", lambda T, B: torch.svd_lowrank(T.float() - B.float(), q=k + P, niter=Q)[1]
+def _method(name, k):
+    """(seed → σ) for one method."""
+    if name == "ours":
+        return lambda T, B, seed=0: truncated_svd((T, B), k, seed=seed).S
+    if name == "ours-pq":
+        return lambda T, B, seed=0: truncated_svd((T, B), k, oversample=P, power_iters=Q, seed=seed).S
 
-    def skl(T, B):
-        from sklearn.utils.extmath import randomized_svd
-        D = (T.float() - B.float()).numpy()
-        return torch.from_numpy(randomized_svd(D, k, n_oversamples=P, n_iter=Q, random_state=0)[1])
-    yield "sklearn", skl
-    if shape == (4096, 4096) and dt == "f32":
-        yield "full", lambda T, B: torch.linalg.svd(T.float() - B.float(), full_matrices=False)[1][:k]
+    if name == "lowrank":
+        def lowrank(T, B, seed=0):
+            torch.manual_seed(seed)
+            return torch.svd_lowrank(T.float() - B.float(), q=k + P, niter=Q)[1]
+        return lowrank
+    if name == "sklearn":
+        def skl(T, B, seed=0):
+            from sklearn.utils.extmath import randomized_svd
+            D = (T.float() - B.float()).numpy()
+            return torch.from_numpy(randomized_svd(D, k, n_oversamples=P, n_iter=Q, random_state=seed)[1])
+        return skl
+    return lambda T, B, seed=0: torch.linalg.svd(T.float() - B.float(), full_matrices=False)[1][:k]
 
 
 CASES = [pytest.param(shape, dt, k, meth, id=f"{shape[0]}x{shape[1]}-{dt}-r{k}-{meth}")
-         for shape in SHAPES for dt in DTYPES for k in RANKS
-         for meth in ("ours", "lowrank", "sklearn", "full")
+         for shape in SHAPES for dt in DTYPES for k in RANKS for meth in METHODS
          if meth != "full" or (shape == (4096, 4096) and dt == "f32" and k == 16)]
 
 
 @pytest.mark.parametrize("shape,dt,k,method", CASES)
 def test_truncated_svd(benchmark, shape, dt, k, method):
     T, B, ref = pair(shape, dt)
-    fn = dict(_methods(shape, dt, k))[method]
+    fn = _method(method, k)
     benchmark.group = f"{shape[0]}x{shape[1]} {dt} rank {k}"
-    rounds = 1 if method == "full" else 3
-    S = benchmark.pedantic(fn, args=(T, B), rounds=rounds, iterations=1, warmup_rounds=0 if method == "full" else 1)
-    S = S.double()
-    err = float(abs(S[k - 1] - ref[k - 1]) / ref[k - 1])
-    if method == "full":
+    full = method == "full"
+    S = benchmark.pedantic(fn, args=(T, B), rounds=1 if full else 5, iterations=1, warmup_rounds=0 if full else 1)
+
+    def err(S):
+        return float(abs(S.double()[k - 1] - ref[k - 1]) / ref[k - 1])
+    errs = [err(S)] if full else [err(fn(T, B, seed)) for seed in SEEDS]
+    if full:
         # the converged randomized reference agrees with LAPACK
-        np.testing.assert_allclose(ref[:k].numpy(), S[:k].numpy(), rtol=1e-4)
+        np.testing.assert_allclose(ref[:k].numpy(), S[:k].double().numpy(), rtol=1e-4)
+    med, worst = float(np.median(errs)), max(errs)
     # ours is held to its accuracy contract; a peer only has to be a sane SVD
-    assert err < (2e-2 if method == "ours" else 1e-1), f"{method}: σ_{k} relative error {err:.2e}"
+    assert worst < (2e-2 if method.startswith("ours") else 1e-1), f"{method}: σ_{k} relative error {worst:.2e}"
     t = benchmark.stats.stats.min
-    benchmark.extra_info.update({"method": method, "sigma_r_rel_err": err, "shape": list(shape), "dtype": dt,
-                                 "rank": k, "min_s": t})
-    RESULTS.append({"case": f"{shape[0]}x{shape[1]}\n{dt} r{k}", "method": method, "time": t, "err": err})
+    benchmark.extra_info.update({"method": method, "sigma_r_rel_err_median": med, "sigma_r_rel_err_max": worst,
+                                 "shape": list(shape), "dtype": dt, "rank": k, "min_s": t})
+    RESULTS.append({"case": f"{shape[0]}x{shape[1]}\n{dt} r{k}", "method": method, "time": t,
+                    "err": med, "err_max": worst})
+
+
+def _print_ratios(results):
+    print("\ncase | method | min s | σ_k err median (max) | time / lowrank")
+    for case in dict.fromkeys(r["case"] for r in results):
+        rows = {r["method"]: r for r in results if r["case"] == case}
+        peer = rows.get("lowrank")
+        for meth in METHODS:
+            if meth in rows:
+                r = rows[meth]
+                ratio = f"{r['time'] / peer['time']:.2f}" if peer else "-"
+                print(f"{case.replace(chr(10), ' ')} | {meth} | {r['time']:.3f} | "
+                      f"{r['err']:.1e} ({r['err_max']:.1e}) | {ratio}")
 
 
 def _plot(results):
@@ -106,28 +138,30 @@ def _plot(results):
     import matplotlib.pyplot as plt
 
     cases = list(dict.fromkeys(r["case"] for r in results))
-    methods = ["ours", "lowrank", "sklearn", "full"]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
-    w = 0.2
+    methods = METHODS
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 4.8))
+    w = 0.16
     for i, meth in enumerate(methods):
         xs, ts, es = [], [], []
         for j, c in enumerate(cases):
             hit = [r for r in results if r["case"] == c and r["method"] == meth]
             if hit:
-                xs.append(j + (i - 1.5) * w)
+                xs.append(j + (i - 2) * w)
                 ts.append(hit[0]["time"])
                 es.append(max(hit[0]["err"], 1e-9))
         if xs:
             ax.bar(xs, ts, w, label=meth)
             ax2.bar(xs, es, w, label=meth)
-    for a, title, lab in ((ax, "time (min of rounds)", "seconds (log)"), (ax2, "σ_r relative error", "error (log)")):
+    for a, title, lab in ((ax, "time (min of rounds)", "seconds (log)"),
+                          (ax2, "σ_k relative error (median of 5 starts)", "error (log)")):
         a.set_xticks(range(len(cases)))
         a.set_xticklabels(cases, fontsize=7)
         a.set_yscale("log")
         a.set_title(title)
         a.set_ylabel(lab)
     ax.legend()
-    fig.suptitle("truncated SVD of tuned − base (2 power iterations, oversample 10) — 2-core shared VM, noisy")
+    fig.suptitle("truncated SVD of tuned − base: ours (block Krylov, defaults) vs peers at oversample 10, "
+                 "2 power iterations — 2-core shared VM")
     fig.tight_layout()
     PNG.parent.mkdir(parents=True, exist_ok=True)
     tmp = PNG.with_suffix(".tmp.png")

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import backends
+from ._alloc import empty_scratch
 from .errors import InputError
 
 __all__ = ["truncated_svd", "SVDResult"]
@@ -88,7 +89,7 @@ class _Operator:
         out = None
         if self.materialize:
             # Convert once, in the same fused pass as the first sketch; later passes are GEMMs.
-            out = torch.empty(self.m, self.n, dtype=self.cdtype, device=self.device)
+            out = empty_scratch((self.m, self.n), self.cdtype, self.device)
         res = backends.call("delta_sketch", self.device.type, self.T, self.B, X, Y, out=out, force=self.impl)
         if out is not None:
             self.T, self.B, self.direct = out, None, True
@@ -98,16 +99,6 @@ class _Operator:
         if self.direct:
             return float(torch.linalg.vector_norm(self.T, dtype=torch.float64) ** 2)
         return self.apply()[2]
-
-
-def _materialize_pays(dev: torch.device, impl: str | None) -> bool:
-    # On the CPU a fresh m × n float32 buffer costs a page fault per 4 KiB on first touch
-    # (~20 ms for 4096², ~50 ms for 4096 × 11008 here), more than the compiled kernel spends
-    # re-converting the tiles on each of the 4-6 passes. The torch reference converts far
-    # slower, and on a GPU the caching allocator hands back warm memory.
-    if dev.type != "cpu":
-        return True
-    return backends.choose("delta_sketch", "cpu", force=impl)[0].name == "torch"
 
 
 def _direct(T, B) -> bool:
@@ -272,10 +263,10 @@ def truncated_svd(
         impl: force an implementation of ``delta_sketch`` (``"cpp"``, ``"cuda"``, ``"torch"``).
         materialize: ``False`` streams every pass from the inputs, so the float32 delta never
             exists; ``True`` writes it once during the first fused pass and runs later passes
-            as plain GEMMs; ``"auto"`` (default) streams when a compiled ``delta_sketch``
-            kernel runs on the CPU (re-converting a tile costs less than first-touching a
-            fresh m × n buffer: measured on 4096 × 4096 and 4096 × 11008), and otherwise
-            materialises when the float32 delta fits in 512 MiB.
+            as plain GEMMs; ``"auto"`` (default) does the latter when the float32 delta fits in
+            512 MiB (4096 × 11008 does). On Linux the CPU buffer is backed by transparent huge
+            pages (:mod:`aios_fast._alloc`): first-touching it in 4 KiB pages cost more than
+            re-converting the tiles on every pass.
         method: ``"krylov"`` (default) or ``"subspace"``, see above.
 
     Returns:
@@ -344,7 +335,7 @@ def truncated_svd(
     if materialize not in ("auto", True, False):
         raise InputError(f"truncated_svd: materialize must be 'auto', True or False, got {materialize!r}")
     if materialize == "auto":
-        materialize = _materialize_pays(dev, impl) and 4 * m * n <= _MATERIALIZE_BYTES
+        materialize = 4 * m * n <= _MATERIALIZE_BYTES
     op = _Operator(T, B, dev, impl, bool(materialize) and not _direct(T, B))
     gen = torch.Generator().manual_seed(int(seed))
     cd = op.cdtype
