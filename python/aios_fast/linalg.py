@@ -112,10 +112,10 @@ def _orth(Y):
 def _auto_depth(k: int, small: int, method: str) -> int:
     if method == "subspace":
         return _auto_iters(k, small)
-    # One block-Krylov step keeps MΩ and (MMᵀ)MΩ: its gap dependence is that of ~2-3 subspace
-    # iterations (Musco & Musco 2015) for 4 passes instead of 6-8. Very small ranks of big
-    # matrices get a second step, as subspace iteration gets a third.
-    return 2 if k < 0.0025 * small else 1
+    # One block-Krylov step keeps MΩ and (MMᵀ)MΩ: with the default block k + 24 it measured
+    # more accurate than 2 subspace iterations at block k + 10 for k = 2…64 on 4096-wide
+    # matrices (benchmarks/bench_svd.py), in 4 passes instead of 6.
+    return 1
 
 
 def _auto_iters(k: int, small: int) -> int:
@@ -250,8 +250,8 @@ def truncated_svd(
             Default (None): 24 for ``"krylov"`` (its single step leans on the block width),
             10 for ``"subspace"``.
         power_iters: ``q``: Krylov steps or power iterations; each costs two passes over the
-            data. ``"auto"``: Krylov 1 step (2 when k < 0.25% of min(m, n)); subspace 3
-            iterations when k < 1% of min(m, n), else 2. Raise it when individual σᵢ of a flat
+            data. ``"auto"``: 1 Krylov step; subspace 3 iterations when k < 1% of
+            min(m, n), else 2. Raise it when individual σᵢ of a flat
             spectrum matter; 0 suits fast-decaying spectra when speed matters.
         energy: fixed-precision mode — return the smallest rank whose Σσᵢ² reaches this
             fraction (0, 1] of the true ‖M‖²_F.
