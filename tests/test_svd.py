@@ -54,7 +54,7 @@ def test_sigma_and_reconstruction_match_lapack(spectrum, m, n, k, method):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "f32"])
-@pytest.mark.parametrize("impl", ["cpp", "torch"])
+@pytest.mark.parametrize("impl", ["cpp", "numpy", "torch"])
 def test_pair_of_half_inputs_matches_lapack_on_decoded_delta(dtype, impl):
     g = torch.Generator().manual_seed(1)
     base = (0.05 * torch.randn(320, 192, generator=g)).to(dtype)

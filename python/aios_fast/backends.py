@@ -32,6 +32,7 @@ __all__ = [
 _KERNEL_MODULES = (
     "aios_fast.kernels.norms",
     "aios_fast.kernels.svd",
+    "aios_fast.kernels.svd_scipy",
 )
 
 Availability = Callable[[], "tuple[bool, str]"]

@@ -15,7 +15,8 @@
 Implementations: ``cpp`` (OpenMP tile conversion in csrc/cpu/svd.cpp, GEMM by torch),
 ``cuda`` (tile conversion kernel in csrc/cuda/svd.cu on torch's current stream, GEMM by
 cuBLAS through torch), ``cholqr2`` (CholeskyQR2, Fukaya et al. 2014, with Householder
-fallback) and the torch references.
+fallback), the NumPy / SciPy fallbacks ``numpy`` and ``scipy`` (kernels/svd_scipy.py) and the
+torch references.
 """
 
 from __future__ import annotations
