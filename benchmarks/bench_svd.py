@@ -18,6 +18,7 @@ Error: σ_k relative error against a converged reference (subspace iteration wit
 iterations and 64 oversamples, itself checked against LAPACK on the full-SVD case), as the
 median and maximum over 5 random starts (seeds 0-4; ``torch.manual_seed`` for svd_lowrank),
 computed outside the timed rounds: one draw says little, the spread between draws is wide.
+Each ``lowrank`` case asserts that ``ours`` had an equal or lower median and maximum error.
 Time: the minimum of 5 rounds after a warm-up. At the end the ratios to ``lowrank`` are
 printed (run with ``-s``) and the comparison figure is written to docs/img/svd_bench.png.
 """
@@ -115,8 +116,13 @@ def test_truncated_svd(benchmark, shape, dt, k, method):
     t = benchmark.stats.stats.min
     benchmark.extra_info.update({"method": method, "sigma_r_rel_err_median": med, "sigma_r_rel_err_max": worst,
                                  "shape": list(shape), "dtype": dt, "rank": k, "min_s": t})
-    RESULTS.append({"case": f"{shape[0]}x{shape[1]}\n{dt} r{k}", "method": method, "time": t,
-                    "err": med, "err_max": worst})
+    case = f"{shape[0]}x{shape[1]}\n{dt} r{k}"
+    RESULTS.append({"case": case, "method": method, "time": t, "err": med, "err_max": worst})
+    ours = [r for r in RESULTS if r["case"] == case and r["method"] == "ours"]
+    if method == "lowrank" and ours:
+        # the speed goal is stated at equal or better error: the errors are seeded, so this half
+        # of it does not depend on the machine's noise (the times do)
+        assert ours[0]["err"] <= med and ours[0]["err_max"] <= worst, (ours[0], med, worst)
 
 
 def _print_ratios(results):
