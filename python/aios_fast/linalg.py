@@ -267,7 +267,8 @@ def truncated_svd(
             512 MiB (4096 × 11008 does). On Linux the CPU buffer is backed by transparent huge
             pages (:mod:`aios_fast._alloc`): first-touching it in 4 KiB pages cost more than
             re-converting the tiles on every pass.
-        method: ``"krylov"`` (default) or ``"subspace"``, see above.
+        method: ``"krylov"`` (default) or ``"subspace"``, see above; it chooses the
+            fixed-rank algorithm (the fixed-precision mode always grows its basis by blocks).
 
     Returns:
         :class:`SVDResult` ``(U, S, Vh)`` in float32 (float64 for float64 input), plus
