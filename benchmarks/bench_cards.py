@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from aios_fast._atomic import save_figure
 from aios_fast.cards import LoRAFormat
 from aios_fast.lora import LoRALayer, LoRAManager
 from aios_fast.lora.random import linear_shapes, random_card
@@ -155,11 +156,7 @@ def _png(res: dict[str, float]) -> None:
     fig.suptitle("aios-fast skill cards (blue) vs safetensors / PEFT (orange); median of one run, "
                  "2-core shared CPU VM")
     fig.tight_layout()
-    PNG.parent.mkdir(parents=True, exist_ok=True)
-    tmp = PNG.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, PNG)
+    save_figure(fig, PNG, dpi=110)
 
 
 # --------------------------------------------------------------------------- (a) load

@@ -32,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from aios_fast._atomic import save_figure  # noqa: E402
 from aios_fast.kernels.norms import NormState, token_norm_stats  # noqa: E402
 from aios_fast.probe import WeightMapProbe, corpus  # noqa: E402
 
@@ -272,6 +273,5 @@ def _plot(r, ratios, path):
                  f"{ratios.get('probe_overhead_pct_paired_cpu', float('nan')):+.1f}% paired CPU median",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     assert math.isfinite(ratios["probe_overhead_pct_cpu"])

@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 import torch
 
+from aios_fast._atomic import save_figure
 from aios_fast.linalg import truncated_svd
 
 SHAPES = [(4096, 4096), (4096, 11008)]
@@ -170,11 +171,7 @@ def _plot(results):
     fig.suptitle("truncated SVD of tuned − base: ours (block Krylov, defaults) vs peers at oversample 10, "
                  "2 power iterations — 2-core shared VM")
     fig.tight_layout()
-    PNG.parent.mkdir(parents=True, exist_ok=True)
-    tmp = PNG.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(PNG)
+    save_figure(fig, PNG, dpi=110)
 
 
 @pytest.mark.parametrize("impl", ["cpp", "torch"])

@@ -21,6 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from aios_fast._atomic import save_figure
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data" / "qa"
 PNG = ROOT / "docs" / "img" / "train_bench.png"
@@ -173,6 +175,4 @@ def _plot(a, p, base):
     ax2.legend()
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    PNG.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PNG, dpi=110)
-    plt.close(fig)
+    save_figure(fig, PNG, dpi=110)

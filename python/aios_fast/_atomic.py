@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write", "atomic_write_bytes", "replace_durably", "fsync_dir"]
+__all__ = ["atomic_write", "atomic_write_bytes", "save_figure", "replace_durably", "fsync_dir"]
 
 
 def _umask() -> int:
@@ -67,6 +67,17 @@ def fsync_dir(directory: Path) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Atomically replace ``path`` with ``data``."""
     return atomic_write(path, lambda f: f.write(data))
+
+
+def save_figure(fig, path: str | os.PathLike, **savefig_kw) -> Path:
+    """Write a matplotlib figure as PNG atomically (``savefig_kw`` go to ``fig.savefig``, e.g.
+    ``dpi``), then close it so pyplot does not keep it alive. Returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return atomic_write(path, lambda fh: fig.savefig(fh, format="png", **savefig_kw))
+    finally:
+        plt.close(fig)
 
 
 def replace_durably(tmp: Path, final: Path) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .._atomic import save_figure
 from ..errors import InputError, TrainingDivergedError
 from ._engine import as_engine, as_pairs
 from ._inject import init_factors, injected, resolve_targets
@@ -98,13 +99,10 @@ class TrainingReport:
 
     def save_png(self, path: str | Path) -> Path:
         """Loss curve (per step) as a PNG, written atomically."""
-        import os
-
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        path = Path(path)
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(range(1, len(self.losses) + 1), self.losses, lw=1.5)
         ax.set_xlabel("step")
@@ -112,13 +110,7 @@ class TrainingReport:
         ax.set_title(f"LoRA training ({self.samples_per_sec:.1f} samples/s on {self.device})")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
+        return save_figure(fig, path, dpi=110)
 
 
 class LoRATrainer:

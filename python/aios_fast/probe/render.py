@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._atomic import atomic_write
+from .._atomic import save_figure
 from .heatmap import split_name
 
 if TYPE_CHECKING:
@@ -81,8 +81,4 @@ def render_png(hm: "HeatMap", path: Path, score: str) -> Path:
         ax.invert_yaxis()
         ax.set_xlabel(_LABELS.get(score, score))
     ax.set_title(title, fontsize=9)
-    try:
-        atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120, bbox_inches="tight"))
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120, bbox_inches="tight")
