@@ -42,6 +42,7 @@ def test_buffer_is_backed_by_huge_pages():
     t = empty_scratch((4096, 4096), torch.float32)  # 64 MiB
     t.fill_(1.0)
     gained = _anon_huge_kib() - before
-    # the kernel may leave the unaligned head and tail in small pages; most must be huge
-    assert gained >= 32 * 1024, f"only {gained} KiB of the 64 MiB buffer in huge pages"
+    # Without the advice (THP mode "madvise") none of it would be; the kernel may leave the
+    # unaligned head and tail, or what it cannot compact on a fragmented host, in small pages.
+    assert gained >= 8 * 1024, f"only {gained} KiB of the 64 MiB buffer in huge pages"
     del t
