@@ -379,3 +379,20 @@ def test_rank16_card_recovers_a_real_minilm_finetune(hf_minilm, minilm_tokenizer
 
 
 EPOCHS, BATCH, LR = 8, 16, 1.5e-4
+
+
+def test_extract_cli_offers_exactly_the_svd_methods_truncated_svd_knows():
+    import argparse
+
+    from aios_fast.cli.extract import register
+    from aios_fast.linalg import SVD_METHODS
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    register(sub)
+    action = next(a for a in sub.choices["extract"]._actions if a.dest == "svd_method")
+    assert tuple(action.choices) == SVD_METHODS
+
+
+def test_extractor_rejects_an_unknown_svd_method():
+    with pytest.raises(InputError, match="svd_method must be one of 'krylov', 'subspace', got 'lanczos'"):
+        LoRAExtractor(svd_method="lanczos")

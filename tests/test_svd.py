@@ -169,7 +169,7 @@ def test_fixed_precision_mode_respects_max_rank_and_zero_matrix():
     (dict(rank=3, oversample=-2), "oversample"),
     (dict(energy=1.5), r"energy must be in \(0, 1\]"),
     (dict(), "pass rank=k"),
-    (dict(rank=3, method="lanczos"), "method must be 'krylov' or 'subspace', got 'lanczos'"),
+    (dict(rank=3, method="lanczos"), "method must be one of 'krylov', 'subspace', got 'lanczos'"),
     (dict(rank=3, oversample=True), "oversample"),
 ], ids=["rank-too-big", "rank-zero", "neg-iters", "neg-oversample", "energy>1", "no-rank", "bad-method",
         "bool-oversample"])

@@ -16,10 +16,9 @@ from . import backends
 from ._alloc import empty_scratch
 from .errors import InputError
 
-__all__ = ["truncated_svd", "SVDResult"]
+__all__ = ["truncated_svd", "SVDResult", "SVD_METHODS"]
 
 _MATERIALIZE_BYTES = 512 << 20  # fp32 delta size up to which "auto" converts once
-_DEFAULT_OVERSAMPLE = {"krylov": 24, "subspace": 10}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 Matrix = Union[torch.Tensor, np.ndarray]
 
@@ -190,6 +189,11 @@ def _krylov(op, omega, k, q):
     return (*_small_svd(torch.cat(Qs, 1), torch.cat(Ws, 1), k), fro)
 
 
+# method → (algorithm, default oversample); the one list of the fixed-rank algorithms
+_METHODS = {"krylov": (_krylov, 24), "subspace": (_subspace, 10)}
+SVD_METHODS = tuple(_METHODS)
+
+
 def _small_svd(Q, Z, k):
     """Given Q (m, l) orthonormal and Z = MᵀQ (n, l): SVD of QᵀM = Zᵀ through a QR of Z,
     so that the exact SVD runs on an l × l matrix instead of l × n."""
@@ -319,10 +323,12 @@ def truncated_svd(
     if cap > small:
         raise InputError(f"truncated_svd: rank {cap} exceeds min(m, n) = {small} for a {m}×{n} matrix; "
                          f"a matrix has at most min(m, n) singular values — pass rank ≤ {small}")
-    if method not in ("krylov", "subspace"):
-        raise InputError(f"truncated_svd: method must be 'krylov' or 'subspace', got {method!r}")
+    if method not in _METHODS:
+        raise InputError(f"truncated_svd: method must be one of {', '.join(map(repr, SVD_METHODS))}, "
+                         f"got {method!r}")
+    run, default_oversample = _METHODS[method]
     if oversample is None:
-        oversample = _DEFAULT_OVERSAMPLE[method]
+        oversample = default_oversample
     if isinstance(oversample, bool) or not isinstance(oversample, (int, np.integer)) or oversample < 0:
         raise InputError(f"truncated_svd: oversample must be an integer ≥ 0, got {oversample!r}")
     if power_iters != "auto" and (not isinstance(power_iters, (int, np.integer)) or power_iters < 0):
@@ -346,7 +352,6 @@ def truncated_svd(
         q = _auto_depth(k, small, method) if power_iters == "auto" else int(power_iters)
         ell = _block_width(k + int(oversample), small)
         omega = torch.randn(n, ell, generator=gen, dtype=cd).to(dev)
-        run = _krylov if method == "krylov" else _subspace
         U, S, Vh, s_all, fro = run(op, omega, k, q)
         return SVDResult(U, S, Vh, fro, s_all, q)
     return _adaptive(op, gen, energy, int(cap), power_iters, int(block_size), dev)

@@ -35,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", type=int, help="total rank budget with --heat-map")
     p.add_argument("--min-explained-variance", type=float, help="flag (or --drop-low) modules below this energy")
     p.add_argument("--drop-low", action="store_true", help="drop modules below --min-explained-variance")
+    # spelled out rather than linalg.SVD_METHODS: building the parser must not import torch
     p.add_argument("--svd-method", default="krylov", choices=("krylov", "subspace"),
                    help="randomized SVD algorithm (default krylov: block Krylov, 4 passes per module)")
     p.add_argument("--power-iters", default="auto", help="Krylov steps / power iterations (default auto)")

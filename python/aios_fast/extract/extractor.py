@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..errors import InputError
-from ..linalg import truncated_svd
+from ..linalg import SVD_METHODS, truncated_svd
 from .sources import WeightSource, open_source
 
 __all__ = ["LoRAExtractor", "ModuleResult", "DEFAULT_SKIP"]
@@ -111,8 +111,9 @@ class LoRAExtractor:
             raise InputError(f"LoRAExtractor: min_explained_variance must be in [0, 1] or None, got {mev!r}")
         if self.on_low_variance not in ("flag", "drop"):
             raise InputError(f"LoRAExtractor: on_low_variance must be 'flag' or 'drop', got {self.on_low_variance!r}")
-        if self.svd_method not in ("krylov", "subspace"):
-            raise InputError(f"LoRAExtractor: svd_method must be 'krylov' or 'subspace', got {self.svd_method!r}")
+        if self.svd_method not in SVD_METHODS:
+            raise InputError(f"LoRAExtractor: svd_method must be one of {', '.join(map(repr, SVD_METHODS))}, "
+                             f"got {self.svd_method!r}")
         if not isinstance(self.workers, int) or self.workers < 1:
             raise InputError(f"LoRAExtractor: workers must be an int ≥ 1, got {self.workers!r}")
         if self.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
