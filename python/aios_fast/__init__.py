@@ -37,6 +37,22 @@ _LAZY = {
     "validate": "aios_fast.learn",
     "hardware": "aios_fast.hardware",
     "backends": "aios_fast.backends",
+    # the loop: routing and the node (route/, evolve/)
+    "SkillLibrary": "aios_fast.route",
+    "SkillEntry": "aios_fast.route",
+    "LoRARouter": "aios_fast.route",
+    "RouteResult": "aios_fast.route",
+    "CognitiveTrigger": "aios_fast.evolve",
+    "LearningRequest": "aios_fast.evolve",
+    "SkillNode": "aios_fast.evolve",
+    # learning from teachers and documents
+    "OpenAICompatibleProvider": "aios_fast.evolve",
+    "LocalTeacher": "aios_fast.evolve",
+    "CloudDistiller": "aios_fast.evolve",
+    "SkillDistiller": "aios_fast.evolve",
+    # federation and the factory
+    "FederationManager": "aios_fast.federation",
+    "SkillFactory": "aios_fast.factory",
 }
 
 __all__ = [

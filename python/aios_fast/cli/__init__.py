@@ -14,7 +14,8 @@ from typing import Sequence
 from ..errors import AiosError
 
 # Each module defines register(subparsers) and sets a `func(args) -> int` default.
-_SUBCOMMANDS = ("info", "probe", "card", "extract", "train", "qa")
+_SUBCOMMANDS = ("info", "probe", "card", "extract", "extract_batch", "train", "qa", "skills", "evolve",
+                "federation", "keys", "factory", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
