@@ -1,8 +1,11 @@
 """Skill-card benchmarks, one run, each figure beside its peer:
 
-(a) load of a rank-16 card covering every linear layer of MiniLM and of SmolLM2-135M:
-    ``LoRAFormat.load`` (mmap, zero-copy; verify on and off) vs ``safetensors.safe_open``
-    (framework ``pt``, every tensor read) of the same tensors;
+(a) load of a small card (MiniLM query+value, 12 modules, rank 8: what training makes) and of
+    rank-16 cards covering every linear layer of MiniLM (37) and of SmolLM2-135M (211):
+    ``LoRAFormat.load`` (mmap, zero-copy, torch tensors out; verify on and off) vs
+    ``safetensors.safe_open`` of the same tensors, every tensor read, with framework ``pt``
+    (torch tensors out, the like-for-like peer) and ``np`` (NumPy arrays out). Goal (issue 13):
+    ``verify=False`` no slower than safetensors, ``verify=True`` at most 2x;
 (b) ``LoRAManager.apply_card`` / ``remove_card`` on MiniLM vs PEFT (``PeftModel.from_pretrained``,
     ``inject_adapter_in_model`` + ``set_peft_model_state_dict``, ``unload``);
 (c) inference overhead of one applied, unmerged card vs the base model, PEFT beside it.
@@ -84,8 +87,10 @@ def card_files(tmp_path_factory, minilm):
 
     d = tmp_path_factory.mktemp("cards")
     out = {}
-    for label, shapes in (("minilm", linear_shapes(minilm)), ("smollm2", _smollm2_shapes())):
-        card = random_card(shapes, name=f"{label}-r{RANK}", rank=RANK, alpha=32, seed=1)
+    small = linear_shapes(minilm, r"attention\.self\.(query|value)$")
+    for label, shapes, rank in (("minilm12", small, 8), ("minilm", linear_shapes(minilm), RANK),
+                                ("smollm2", _smollm2_shapes(), RANK)):
+        card = random_card(shapes, name=f"{label}-r{rank}", rank=rank, alpha=32, seed=1)
         arrow = LoRAFormat.save(card, d / f"{label}.lora.arrow")
         st = d / f"{label}.safetensors"
         tensors = {}
@@ -94,6 +99,7 @@ def card_files(tmp_path_factory, minilm):
             tensors[f"{k}.lora_B.weight"] = card.weights_B[k]
         save_file(tensors, st)
         out[label] = (card, arrow, st)
+    assert len(out["minilm12"][0].modules) == 12
     assert len(out["minilm"][0].modules) == 37 and len(out["smollm2"][0].modules) == 211
     return out
 
@@ -105,12 +111,13 @@ def report():
     if not RESULTS:
         return
     ratios = {}
-    for label in ("minilm", "smollm2"):
-        st = RESULTS.get(f"load-{label}-safetensors")
-        for v in ("verify", "noverify"):
-            ours = RESULTS.get(f"load-{label}-arrow-{v}")
-            if st and ours:
-                ratios[f"load {label} safetensors/arrow({v})"] = st / ours
+    for label in ("minilm12", "minilm", "smollm2"):
+        for fw in ("pt", "np"):
+            st = RESULTS.get(f"load-{label}-safetensors-{fw}")
+            for v in ("verify", "noverify"):
+                ours = RESULTS.get(f"load-{label}-arrow-{v}")
+                if st and ours:
+                    ratios[f"load {label} arrow({v})/safetensors({fw})"] = ours / st
     for op, ours, peers in (("apply", "apply-aios", ("apply-peft-from_pretrained", "apply-peft-inject")),
                             ("remove", "remove-aios", ("remove-peft-unload",))):
         for p in peers:
@@ -160,14 +167,14 @@ def _png(res: dict[str, float]) -> None:
 
 
 # --------------------------------------------------------------------------- (a) load
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, framework: str = "pt") -> dict:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(path), framework=framework) as f:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-@pytest.mark.parametrize("label", ["minilm", "smollm2"])
+@pytest.mark.parametrize("label", ["minilm12", "minilm", "smollm2"])
 @pytest.mark.parametrize("verify", [pytest.param(True, id="verify"), pytest.param(False, id="noverify")])
 def test_load_arrow(benchmark, card_files, label, verify):
     card, arrow, _ = card_files[label]
@@ -177,15 +184,17 @@ def test_load_arrow(benchmark, card_files, label, verify):
     _record(benchmark, f"load-{label}-arrow-{'verify' if verify else 'noverify'}")
 
 
-@pytest.mark.parametrize("label", ["minilm", "smollm2"])
-def test_load_safetensors(benchmark, card_files, label):
+@pytest.mark.parametrize("label", ["minilm12", "minilm", "smollm2"])
+@pytest.mark.parametrize("framework", ["pt", "np"])
+def test_load_safetensors(benchmark, card_files, label, framework):
     card, _, st = card_files[label]
     benchmark.group = f"load-{label}"
-    tensors = benchmark(_read_safetensors, st)
+    tensors = benchmark(_read_safetensors, st, framework)
     assert len(tensors) == 2 * len(card.modules)
-    assert all(torch.equal(tensors[f"{k}.lora_A.weight"], card.weights_A[k]) and
-               torch.equal(tensors[f"{k}.lora_B.weight"], card.weights_B[k]) for k in card.modules)
-    _record(benchmark, f"load-{label}-safetensors")
+    assert all(torch.equal(torch.as_tensor(tensors[f"{k}.lora_A.weight"]), card.weights_A[k]) and
+               torch.equal(torch.as_tensor(tensors[f"{k}.lora_B.weight"]), card.weights_B[k])
+               for k in card.modules)
+    _record(benchmark, f"load-{label}-safetensors-{framework}")
 
 
 # --------------------------------------------------------------------------- (b) apply / remove

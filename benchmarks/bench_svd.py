@@ -14,11 +14,18 @@ peers' timings include forming the float32 delta (what a whole-checkpoint extrac
   4096×4096 float32 only and one round: on a 2-core VM it takes tens of seconds, and on
   4096×11008 minutes.
 
-Error: σ_k relative error against a converged reference (subspace iteration with 8 power
-iterations and 64 oversamples, itself checked against LAPACK on the full-SVD case), as the
-median and maximum over 5 random starts (seeds 0-4; ``torch.manual_seed`` for svd_lowrank),
-computed outside the timed rounds: one draw says little, the spread between draws is wide.
-Each ``lowrank`` case asserts that ``ours`` had an equal or lower median and maximum error.
+Single matrices (PiSSA initialisation, compression: ``truncated_svd(M, k)``): the delta of the
+4096×4096 pair formed once and stored as float32 / bfloat16 (a decaying spectrum over a noise
+floor), rank 16 and 64, ``ours`` against ``lowrank`` (``torch.svd_lowrank(M.float(), ...)``).
+(On a flat spectrum, e.g. a Gaussian matrix, σ_k of every randomized method is off by 10 % or
+more at these settings: the reconstruction error, not σ_k, is the measure there.)
+
+Error: σ_k relative error against LAPACK (``torch.linalg.svdvals`` in float64 of the float32
+delta or matrix; every case fits in memory), as the median and maximum over 5 random starts
+(seeds 0-4; ``torch.manual_seed`` for svd_lowrank), computed outside the timed rounds: one draw
+says little, the spread between draws is wide. Each ``lowrank`` case asserts that ``ours`` has
+an equal or lower median and maximum error; both are computed in that case (seeded, cached),
+so the assertion holds whatever order or subset of the cases runs.
 Time: the minimum of 5 rounds after a warm-up. At the end the ratios to ``lowrank`` are
 printed (run with ``-s``) and the comparison figure is written to docs/img/svd_bench.png.
 """
@@ -47,6 +54,7 @@ _cache: dict = {}
 
 
 def pair(shape, dt):
+    """(tuned, base, LAPACK σ of tuned − base) for the case."""
     key = (shape, dt)
     if key not in _cache:
         m, n = shape
@@ -58,9 +66,36 @@ def pair(shape, dt):
         base = 0.02 * torch.randn(m, n, generator=g)
         tuned = base + (U * sig) @ V.T + 1e-4 * torch.randn(m, n, generator=g)
         T, B = tuned.to(DTYPES[dt]), base.to(DTYPES[dt])
-        ref = truncated_svd((T, B), 64, oversample=64, power_iters=8, method="subspace").S.double()
-        _cache[key] = (T, B, ref)
+        _cache[key] = (T, B, lapack_sv(T.float() - B.float()))
     return _cache[key]
+
+
+def single(shape, dt):
+    """(M, None, LAPACK σ of M): the pair's delta, formed once, in the case's dtype."""
+    key = ("single", shape, dt)
+    if key not in _cache:
+        T, B, _ = pair(shape, dt)
+        M = (T.float() - B.float()).to(DTYPES[dt])
+        _cache[key] = (M, None, lapack_sv(M.float()))
+    return _cache[key]
+
+
+def lapack_sv(D: torch.Tensor) -> torch.Tensor:
+    """Every singular value of ``D`` by LAPACK (gesdd through torch), in float64."""
+    return torch.linalg.svdvals(D.double())
+
+
+_errors: dict = {}
+
+
+def errors(kind, shape, dt, k, method):
+    """σ_k relative errors over SEEDS (cached: seeded, so order independent)."""
+    key = (kind, shape, dt, k, method)
+    if key not in _errors:
+        T, B, ref = (pair if kind == "pair" else single)(shape, dt)
+        fn = _method(method, k) if kind == "pair" else _single_method(method, k)
+        _errors[key] = [float(abs(fn(T, B, seed).double()[k - 1] - ref[k - 1]) / ref[k - 1]) for seed in SEEDS]
+    return _errors[key]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -92,6 +127,16 @@ def _method(name, k):
     return lambda T, B, seed=0: torch.linalg.svd(T.float() - B.float(), full_matrices=False)[1][:k]
 
 
+def _single_method(name, k):
+    if name == "ours":
+        return lambda M, _=None, seed=0: truncated_svd(M, k, seed=seed).S
+
+    def lowrank(M, _=None, seed=0):
+        torch.manual_seed(seed)
+        return torch.svd_lowrank(M.float(), q=k + P, niter=Q)[1]
+    return lowrank
+
+
 CASES = [pytest.param(shape, dt, k, meth, id=f"{shape[0]}x{shape[1]}-{dt}-r{k}-{meth}")
          for shape in SHAPES for dt in DTYPES for k in RANKS for meth in METHODS
          if meth != "full" or (shape == (4096, 4096) and dt == "f32" and k == 16)]
@@ -104,13 +149,12 @@ def test_truncated_svd(benchmark, shape, dt, k, method):
     benchmark.group = f"{shape[0]}x{shape[1]} {dt} rank {k}"
     full = method == "full"
     S = benchmark.pedantic(fn, args=(T, B), rounds=1 if full else 5, iterations=1, warmup_rounds=0 if full else 1)
-
-    def err(S):
-        return float(abs(S.double()[k - 1] - ref[k - 1]) / ref[k - 1])
-    errs = [err(S)] if full else [err(fn(T, B, seed)) for seed in SEEDS]
     if full:
-        # the converged randomized reference agrees with LAPACK
+        # float32 LAPACK agrees with the float64 reference
         np.testing.assert_allclose(ref[:k].numpy(), S[:k].double().numpy(), rtol=1e-4)
+        errs = [float(abs(S.double()[k - 1] - ref[k - 1]) / ref[k - 1])]
+    else:
+        errs = errors("pair", shape, dt, k, method)
     med, worst = float(np.median(errs)), max(errs)
     # ours is held to its accuracy contract; a peer only has to be a sane SVD
     assert worst < (2e-2 if method.startswith("ours") else 1e-1), f"{method}: σ_{k} relative error {worst:.2e}"
@@ -119,11 +163,37 @@ def test_truncated_svd(benchmark, shape, dt, k, method):
                                  "shape": list(shape), "dtype": dt, "rank": k, "min_s": t})
     case = f"{shape[0]}x{shape[1]}\n{dt} r{k}"
     RESULTS.append({"case": case, "method": method, "time": t, "err": med, "err_max": worst})
-    ours = [r for r in RESULTS if r["case"] == case and r["method"] == "ours"]
-    if method == "lowrank" and ours:
+    if method == "lowrank":
         # the speed goal is stated at equal or better error: the errors are seeded, so this half
-        # of it does not depend on the machine's noise (the times do)
-        assert ours[0]["err"] <= med and ours[0]["err_max"] <= worst, (ours[0], med, worst)
+        # of it does not depend on the machine's noise (the times do), nor on the test order
+        mine = errors("pair", shape, dt, k, "ours")
+        assert np.median(mine) <= med and max(mine) <= worst, (mine, errs)
+
+
+SINGLE_SHAPE = (4096, 4096)
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("k", RANKS)
+@pytest.mark.parametrize("method", ["ours", "lowrank"])
+def test_truncated_svd_single_matrix(benchmark, dt, k, method):
+    """``truncated_svd(M, k)`` on one matrix against ``torch.svd_lowrank`` (goal: ≤ 0.8× its
+    time at equal or better σ_k error, as for pairs)."""
+    M, _, ref = single(SINGLE_SHAPE, dt)
+    fn = _single_method(method, k)
+    benchmark.group = f"single {SINGLE_SHAPE[0]}x{SINGLE_SHAPE[1]} {dt} rank {k}"
+    benchmark.pedantic(fn, args=(M,), rounds=5, iterations=1, warmup_rounds=1)
+    errs = errors("single", SINGLE_SHAPE, dt, k, method)
+    med, worst = float(np.median(errs)), max(errs)
+    assert worst < (2e-2 if method == "ours" else 1e-1), f"{method}: σ_{k} relative error {worst:.2e}"
+    t = benchmark.stats.stats.min
+    benchmark.extra_info.update({"method": method, "sigma_r_rel_err_median": med, "sigma_r_rel_err_max": worst,
+                                 "shape": list(SINGLE_SHAPE), "dtype": dt, "rank": k, "min_s": t, "single": True})
+    RESULTS.append({"case": f"single {SINGLE_SHAPE[0]}x{SINGLE_SHAPE[1]}\n{dt} r{k}", "method": method,
+                    "time": t, "err": med, "err_max": worst})
+    if method == "lowrank":
+        mine = errors("single", SINGLE_SHAPE, dt, k, "ours")
+        assert np.median(mine) <= med and max(mine) <= worst, (mine, errs)
 
 
 def _print_ratios(results):
@@ -174,7 +244,7 @@ def _plot(results):
     save_figure(fig, PNG, dpi=110)
 
 
-@pytest.mark.parametrize("impl", ["cpp", "torch"])
+@pytest.mark.parametrize("impl", ["cpp", "numba", "torch"])
 @pytest.mark.parametrize("dt", list(DTYPES))
 def test_delta_sketch_pass(benchmark, impl, dt):
     """One fused pass (convert + subtract + ‖D‖² + D @ Ω) over a 4096×11008 pair: the compiled
@@ -183,6 +253,10 @@ def test_delta_sketch_pass(benchmark, impl, dt):
 
     if impl == "cpp" and not _native.has("delta_tile"):
         pytest.skip("aios_fast._C has no delta_tile")
+    ok, why = next(i for i in backends.implementations("delta_sketch", "cpu", only_available=False)
+                   if i.name == impl).available()
+    if not ok:
+        pytest.skip(f"{impl}: {why}")
     T, B, _ = pair((4096, 11008), dt)
     X = torch.randn(11008, 26, generator=torch.Generator().manual_seed(1))
     benchmark.group = f"delta_sketch pass 4096x11008 {dt}"

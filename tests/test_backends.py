@@ -90,3 +90,23 @@ def test_compiled_core_is_built_and_every_cpp_kernel_is_available():
             if impl.name == "cpp":
                 ok, why = impl.available()
                 assert ok, f"{op.name}: cpp implementation unavailable: {why}"
+
+
+def test_numba_implementations_are_listed_by_info_behind_the_compiled_ones():
+    """Issue 13.12: numba registers token_norms and delta_sketch on the CPU, shown by
+    ``aios-fast info``, ordered after the compiled cpp kernels and before the torch reference."""
+    from aios_fast.cli.info import collect
+
+    rows = {(r["operation"], r["device"]): r for r in collect()["kernels"]}
+    for op in ("token_norms", "delta_sketch"):
+        names = [i["name"] for i in rows[(op, "cpu")]["implementations"]]
+        assert "numba" in names, names
+        assert names.index("cpp") < names.index("numba") < names.index("torch"), names
+    numba_ok = backends.choose("token_norms", "cpu", force="numba") if _has_numba() else None
+    assert numba_ok is None or numba_ok[0].name == "numba"
+
+
+def _has_numba() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("numba") is not None

@@ -414,3 +414,50 @@ def test_non_contiguous_tensors_round_trip(tmp_path):
     assert not A["m"].is_contiguous()
     c = LoRACard("nc", 4, 4.0, ["m"], A, B)
     assert LoRAFormat.load(LoRAFormat.save(c, tmp_path / "nc.lora.arrow")).equal(c)
+
+
+def test_card_built_the_arrowengine_way_from_numpy(tmp_path, hf_minilm, minilm_tokenizer):
+    """Issue 13.6: ArrowEngine builds ``LoRACard(name, rank, alpha, target_modules,
+    weights_A={key: np.ndarray}, weights_B=...)`` with its own module names; the card wraps the
+    arrays without copying, saves, loads and applies like a torch-built one."""
+    import copy
+
+    from aios_fast.lora import LoRAManager
+
+    rng = np.random.default_rng(0)
+    keys = [f"encoder_layers.{i}.attention.query" for i in range(2)]
+    A = {k: (rng.standard_normal((4, 384)) * 0.05).astype(np.float32) for k in keys}
+    B = {k: (rng.standard_normal((384, 4)) * 0.05).astype(np.float32) for k in keys}
+    A[keys[0]].flags.writeable = False  # a read-only array (e.g. a mapped file) works too
+    card = LoRACard(name="ae", rank=4, alpha=8.0, target_modules=["attention.query"],
+                    weights_A=A, weights_B=B, naming="arrowengine")
+    for k in keys:  # zero-copy: the card's tensors view the caller's arrays
+        assert isinstance(card.weights_A[k], torch.Tensor)
+        assert card.weights_A[k].data_ptr() == A[k].ctypes.data
+        assert card.weights_B[k].data_ptr() == B[k].ctypes.data
+    assert isinstance(A[keys[0]], np.ndarray)  # the caller's dict is left as it was
+    back = LoRAFormat.load(LoRAFormat.save(card, tmp_path / "ae.lora.arrow"))
+    assert back.equal(card) and back.naming == "arrowengine"
+
+    batch = minilm_tokenizer(["a brindle is a snapshot"], return_tensors="pt")
+    model = copy.deepcopy(hf_minilm)
+    with torch.no_grad():
+        base = model(**batch).last_hidden_state
+        with LoRAManager(model).applied(card):
+            got = model(**batch).last_hidden_state
+        for i, k in enumerate(keys):
+            model.encoder.layer[i].attention.self.query.weight += card.delta(k)
+        want = model(**batch).last_hidden_state
+    assert (want - base).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("array, match", [
+    (np.zeros((4, 8), np.float64), "NumPy dtype float64 is not allowed"),
+    (np.zeros((4, 8), ">f4"), "NumPy dtype >f4 is not allowed"),
+    (np.zeros((4, 8), np.int8), "NumPy dtype int8 is not allowed"),
+], ids=["float64", "big-endian", "int8"])
+def test_numpy_card_with_a_bad_dtype_names_it(array, match):
+    with pytest.raises(CardFormatError, match=match):
+        LoRACard(name="x", rank=4, alpha=4.0, target_modules=["m"], weights_A={"m": array},
+                 weights_B={"m": np.zeros((8, 4), np.float32)})

@@ -153,3 +153,16 @@ def test_gguf_streams_selected_modules(smollm2_gguf, smollm_state):
     assert sorted(n for n, _ in got) == sorted(want)
     for n, t in got:
         assert torch.equal(t, smollm_state[n])
+
+
+def test_gguf_reader_without_transformers_private_loader_says_what_to_install(monkeypatch, tmp_path):
+    """Issue 13.13: the private ``transformers.modeling_gguf_pytorch_utils`` import is guarded:
+    a transformers without it gives a clear BackendUnavailableError, not an ImportError."""
+    import sys
+
+    from aios_fast.engines.checkpoints import _GGUFIndex
+    from aios_fast.errors import BackendUnavailableError
+
+    monkeypatch.setitem(sys.modules, "transformers.modeling_gguf_pytorch_utils", None)  # import fails
+    with pytest.raises(BackendUnavailableError, match=r"modeling_gguf_pytorch_utils.*transformers>=4\.56"):
+        _GGUFIndex(tmp_path / "model.gguf")

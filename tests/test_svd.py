@@ -217,3 +217,28 @@ def test_cuda_matches_cpu(dtype):
         assert gpu.U.is_cuda
         torch.testing.assert_close(gpu.S.cpu(), cpu.S, rtol=1e-3, atol=1e-6)
         assert gpu.frob_sq == pytest.approx(cpu.frob_sq, rel=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_sketch_runs_on_the_operands_device():
+    """Issue 13.5: with another GPU current, delta_sketch on the last GPU must launch there
+    (the result equals the CPU reference) and operands on different devices are refused."""
+    from aios_fast.errors import InputError
+    from aios_fast import _native
+    from aios_fast.kernels.svd import _sketch_cuda, _sketch_torch
+
+    if not _native.has("delta_tile_cuda"):
+        pytest.skip("aios_fast._C was built without CUDA")
+    dev = torch.device("cuda", torch.cuda.device_count() - 1)
+    g = torch.Generator().manual_seed(3)
+    T, B = torch.randn(300, 129, generator=g).half(), torch.randn(300, 129, generator=g).half()
+    X, Y = torch.randn(129, 5, generator=g), torch.randn(300, 5, generator=g)
+    want = _sketch_torch(T, B, X, Y)
+    with torch.cuda.device(0):
+        got = _sketch_cuda(T.to(dev), B.to(dev), X.to(dev), Y.to(dev), block_rows=64)
+    assert got[0].device == dev
+    torch.testing.assert_close(got[0].cpu(), want[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1].cpu(), want[1], rtol=1e-4, atol=1e-4)
+    assert got[2] == pytest.approx(want[2], rel=1e-5)
+    with pytest.raises(InputError, match="X is on cpu but T is on cuda"):
+        _sketch_cuda(T.to(dev), B.to(dev), X, None)

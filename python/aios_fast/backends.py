@@ -33,6 +33,7 @@ _KERNEL_MODULES = (
     "aios_fast.kernels.norms",
     "aios_fast.kernels.svd",
     "aios_fast.kernels.svd_scipy",
+    "aios_fast.kernels.numba_kernels",
 )
 
 Availability = Callable[[], "tuple[bool, str]"]

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextvars
 import math
+import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..errors import CardFormatError
@@ -38,6 +40,11 @@ RESERVED_METADATA_PREFIXES = ("aios_",)
 # Set by LoRAFormat.load(verify=False): structure is still checked, the O(n) scan for
 # non-finite values is skipped (the trusted hot path).
 _SKIP_VALUE_SCAN: contextvars.ContextVar[bool] = contextvars.ContextVar("skip_value_scan", default=False)
+# Set by the reader while it builds a card from rows it has already checked (tensor type,
+# allowed dtype, 2-D positive shapes, A/B ranks against rank/rank_pattern): the card then only
+# checks what the reader does not (names, targets, patterns, and the value scan). Per-tensor
+# Python checks were most of the load time of a small card.
+_TRUSTED_LAYOUT: contextvars.ContextVar[bool] = contextvars.ContextVar("trusted_layout", default=False)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -61,8 +68,10 @@ class LoRACard:
         target_modules: what the card adapts, with PEFT's matching rule: each weight key must
             equal some target or end with ``"." + target``, and each target must match a key
             (full keys, or ArrowEngine-style short names such as ``"attention.query"``).
-        weights_A: module key -> A, shape ``(r_m, in_features)``.
-        weights_B: module key -> B, shape ``(out_features, r_m)``.
+        weights_A: module key -> A, shape ``(r_m, in_features)``: a torch tensor or a NumPy
+            array (ArrowEngine builds cards from NumPy), which is wrapped with
+            ``torch.from_numpy`` without copying.
+        weights_B: module key -> B, shape ``(out_features, r_m)``, likewise.
         metadata: free string -> string metadata (``description``, ``source``, ...). Keys
             ``lora_name``, ``lora_rank``, ``lora_alpha``, ``target_modules`` and ``aios_*`` are
             reserved for the file format.
@@ -97,6 +106,15 @@ class LoRACard:
         self._validate_header()
         self._validate_keys()
         self._validate_patterns()
+        if _TRUSTED_LAYOUT.get():
+            if not _SKIP_VALUE_SCAN.get():
+                for d in (self.weights_A, self.weights_B):
+                    for key, t in d.items():
+                        if not _all_finite(t):
+                            raise CardFormatError(f"card {self.name!r}, module {key!r}, "
+                                                  f"{'A' if d is self.weights_A else 'B'}: contains NaN "
+                                                  f"or infinite values")
+            return
         for key in self.modules:
             self._validate_module(key)
 
@@ -132,8 +150,13 @@ class LoRACard:
 
     def _validate_keys(self) -> None:
         for fld in ("weights_A", "weights_B"):
-            if not isinstance(getattr(self, fld), dict):
+            d = getattr(self, fld)
+            if not isinstance(d, dict):
                 raise CardFormatError(f"card {self.name!r}: {fld} must be a dict of str -> Tensor")
+            if any(isinstance(v, np.ndarray) for v in d.values()):
+                # a new dict: the caller's stays as it was
+                setattr(self, fld, {k: _from_numpy(v, f"card {self.name!r}, module {k!r}, {fld[-1]}")
+                                    if isinstance(v, np.ndarray) else v for k, v in d.items()})
         if not isinstance(self.target_modules, (list, tuple)):
             raise CardFormatError(f"card {self.name!r}: target_modules must be a list of str")
         self.target_modules = list(self.target_modules)
@@ -156,6 +179,8 @@ class LoRACard:
         # PEFT's rule: a target names a module key exactly or is a '.'-suffix of it.
         # Checked through each key's suffixes: O(keys x depth), not O(keys x targets).
         targets, used = set(t), set()
+        if targets == a:
+            return  # every key is its own target (what this package writes): all matched
         unmatched = []
         for k in a:
             parts = k.split(".")
@@ -255,6 +280,25 @@ class LoRACard:
         return sum(t.numel() * t.element_size()
                    for d in (self.weights_A, self.weights_B) for t in d.values())
 
+    def tensor_checksum(self) -> str:
+        """``"sha256:<hex>"`` over what decides the card's effect: for each module in sorted
+        order its key, rank, alpha, and A's and B's dtype, shape and bytes (not the name or
+        metadata). Equal for a card and its saved-and-loaded copy; the validation gate binds
+        its report to it so that a report cannot be carried over to other tensors."""
+        import hashlib
+        import struct
+
+        h = hashlib.sha256(b"aios-lora-tensors-v1")
+        for k in self.modules:
+            kb = k.encode()
+            h.update(struct.pack("<Q", len(kb)) + kb)
+            h.update(struct.pack("<qd", self.module_rank(k), self.module_alpha(k)))
+            for t in (self.weights_A[k], self.weights_B[k]):
+                dt = dtype_name(t.dtype).encode()
+                h.update(struct.pack("<Q", len(dt)) + dt + struct.pack(f"<I{t.dim()}q", t.dim(), *t.shape))
+                h.update(t.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy().data)
+        return f"sha256:{h.hexdigest()}"
+
     def dtypes(self) -> set[str]:
         """The dtype names used by the card's tensors."""
         return {dtype_name(t.dtype) for d in (self.weights_A, self.weights_B) for t in d.values()}
@@ -310,6 +354,20 @@ class LoRACard:
         return (f"LoRACard(name={self.name!r}, modules={len(self.weights_A)}, rank={self.rank}"
                 f"{' ' + str(ranks) if len(ranks) > 1 else ''}, alpha={self.alpha}, "
                 f"dtypes={sorted(self.dtypes())}, naming={self.naming!r}, nbytes={self.nbytes})")
+
+
+def _from_numpy(a: np.ndarray, where: str) -> torch.Tensor:
+    """``torch.from_numpy(a)`` (shares memory), for the dtypes a card allows."""
+    if a.dtype not in (np.float32, np.float16) or not a.dtype.isnative:
+        raise CardFormatError(f"{where}: NumPy dtype {a.dtype} is not allowed; use float32 or float16 "
+                              f"(native byte order), or a torch tensor for bfloat16")
+    if not a.flags.writeable:
+        # torch warns that writing to the tensor would be undefined; cards are never written
+        # through, and a copy would defeat zero-copy loading of mapped files.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(a)
+    return torch.from_numpy(a)
 
 
 def _all_finite(t: torch.Tensor) -> bool:

@@ -33,6 +33,9 @@ from .card import _SKIP_VALUE_SCAN, LoRACard, dtype_name
 __all__ = ["LoRAFormat"]
 
 
+_INLINE_HASH_BYTES = 4 << 20
+
+
 @lru_cache(maxsize=1)
 def _hash_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="aios-card-hash")
@@ -86,8 +89,15 @@ class LoRAFormat:
         # The hash runs on a worker thread (hashlib releases the GIL on large buffers) while
         # this thread builds and value-scans the card; no tensor leaves before both are done.
         job = parsed["checksum_job"]
-        pending = _hash_pool().submit(job) if job is not None else None
-        token = _SKIP_VALUE_SCAN.set(not verify)
+        nbytes = sum(r["len_a"] + r["len_b"] for r in parsed["rows"])
+        # Small cards hash inline: handing a few hundred KiB to a thread cost more (queue and
+        # wake-up, worse on a loaded machine) than hashing them here.
+        inline = job is not None and nbytes < _INLINE_HASH_BYTES
+        pending = _hash_pool().submit(job) if job is not None and not inline else None
+        # The value scan, one reduction per column instead of one per tensor (a small card's
+        # verify time was mostly per-tensor calls); only when it finds a NaN/inf does the
+        # card's per-tensor scan run, to name the module.
+        token = _SKIP_VALUE_SCAN.set(not verify or _columns_finite(parsed))
         built: LoRACard | None = None
         error: CardFormatError | None = None
         try:
@@ -96,8 +106,8 @@ class LoRAFormat:
             error = CardFormatError(f"{path}: {exc}")
         finally:
             _SKIP_VALUE_SCAN.reset(token)
-        if pending is not None:
-            computed = pending.result()
+        if pending is not None or inline:
+            computed = job() if inline else pending.result()
             if computed != parsed["checksum_stored"]:
                 # a mismatch explains any other problem found in the same bytes: report it first
                 raise CardFormatError(
@@ -142,6 +152,37 @@ class LoRAFormat:
             "checksum_value": p["checksum_stored"],
             "metadata": p["metadata"],
         }
+
+
+def _columns_finite(parsed: dict[str, Any]) -> bool:
+    """True when every value of both tensor columns is finite, checked with one reduction per
+    column; False when a column holds a NaN/inf or mixes dtypes / alignments (the per-tensor
+    scan then decides and names the module)."""
+    rows, mm = parsed["rows"], parsed["mmap"]
+    for side in ("a", "b"):
+        dts = {r[f"dtype_{side}"] for r in rows}
+        if len(dts) != 1:
+            return False
+        dt = dts.pop()
+        if dt not in spec.ITEMSIZE:  # v1 float64: converted per tensor anyway
+            return False
+        start = rows[0][f"pos_{side}"]
+        nbytes = rows[-1][f"pos_{side}"] + rows[-1][f"len_{side}"] - start
+        item = spec.ITEMSIZE[dt]
+        if start % item or nbytes % item or nbytes != sum(r[f"len_{side}"] for r in rows):
+            return False
+        # Exponent bits all ones <=> NaN or inf. NumPy on integer views: single-threaded (a
+        # torch reduction this size wakes its OpenMP pool, which cost more than the scan).
+        utype, mask = _EXPONENT[dt]
+        u = np.frombuffer(mm, dtype=utype, count=nbytes // item, offset=start)
+        if np.any((u & mask) == mask):
+            return False
+    return True
+
+
+#: dtype name -> (unsigned view, exponent mask)
+_EXPONENT = {"float32": (np.uint32, np.uint32(0x7F800000)), "float16": (np.uint16, np.uint16(0x7C00)),
+             "bfloat16": (np.uint16, np.uint16(0x7F80))}
 
 
 # ---------------------------------------------------------------------- writer helpers

@@ -4,10 +4,11 @@ internal names. Cards record which scheme their keys use (``naming``: ``hf`` or 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 
 from ..errors import InputError
 
-__all__ = ["SCHEMES", "to_hf", "to_arrowengine", "convert"]
+__all__ = ["SCHEMES", "to_hf", "to_arrowengine", "convert", "select_modules", "matches"]
 
 SCHEMES = ("hf", "arrowengine")
 
@@ -58,3 +59,63 @@ def convert(name: str, source: str, target: str) -> str:
     if source == target:
         return name
     return to_hf(name) if target == "hf" else to_arrowengine(name)
+
+
+# ---------------------------------------------------------------------- module selection
+def matches(name: str, entry: str) -> bool:
+    """PEFT's list rule: ``entry`` names module ``name`` exactly or is a ``.``-suffix of it
+    (``"query"`` matches ``encoder.layer.0.attention.self.query``, not ``...self.query_x``)."""
+    return name == entry or name.endswith("." + entry)
+
+
+def select_modules(names: Iterable[str], pattern: str | Sequence[str] | None, *, what: str = "modules",
+                   error: type[Exception] = InputError) -> list[str]:
+    """The package's one rule for choosing modules by name (trainer ``target_modules``, probe
+    ``modules``, extractor ``include``/``exclude``, ``linear_shapes``; card keys use the list
+    rule too):
+
+    * ``None``: every name;
+    * a string: a regular expression *searched* in the full name (``re.search``; anchor it with
+      ``^...$`` to match whole names);
+    * a sequence of strings: each entry names a module exactly or is a ``.``-suffix of its name
+      (PEFT's ``target_modules`` list rule), and every entry must select at least one name.
+
+    Args:
+        names: candidate module names, in the order to return them.
+        pattern: see above.
+        what: the argument's name, for error messages.
+        error: the exception class raised when nothing (or an entry) selects nothing.
+    Returns:
+        the selected names, in the order of ``names``.
+    """
+    names = list(names)
+    if pattern is None:
+        return names
+    if isinstance(pattern, str):
+        try:
+            rx = re.compile(pattern)
+        except re.error as exc:
+            raise InputError(f"{what}={pattern!r} is not a valid regular expression: {exc}") from None
+        out = [n for n in names if rx.search(n)]
+        if not out:
+            raise error(f"{what}={pattern!r} (a regex, searched) matches none of the {len(names)} "
+                        f"candidate modules; some available: {names[:6]}")
+        return out
+    entries = list(pattern)
+    if not entries or not all(isinstance(e, str) and e for e in entries):
+        raise InputError(f"{what} must be a regex string or a non-empty list of module names or "
+                         f"'.'-suffixes, got {pattern!r}")
+    hit = {e: False for e in entries}
+    out = []
+    for n in names:
+        parts = n.split(".")
+        sel = [s for s in (".".join(parts[i:]) for i in range(len(parts))) if s in hit]
+        if sel:
+            out.append(n)
+            for s in sel:
+                hit[s] = True
+    missing = [e for e, ok in hit.items() if not ok]
+    if missing:
+        raise error(f"{what} {missing[:5]} match no candidate module (an entry names a module or a "
+                    f"'.'-suffix of its name); some available: {names[:6]}")
+    return out

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from .._atomic import atomic_write_bytes
+from ._args import existing_file, float_range, int_at_least, power_iters
 from ._common import add_json_flag, console, print_json
 
 
@@ -23,26 +24,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", required=True, help="base checkpoint (safetensors file/dir/index, Parquet dir, .gguf)")
     p.add_argument("--tuned", required=True, help="tuned checkpoint, same architecture as --base")
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--rank", type=int, help="rank per module (default 16 unless --energy/--heat-map)")
-    how.add_argument("--energy", type=float, help="per module, smallest rank keeping this fraction of ‖ΔW‖²_F")
-    p.add_argument("--max-rank", type=int, help="rank cap for --energy (default min(m, n))")
-    p.add_argument("--alpha", type=float, help="lora_alpha of the card (default: 2 × rank, or 32)")
+    how.add_argument("--rank", type=int_at_least(1), help="rank per module (default 16 unless --energy/--heat-map)")
+    how.add_argument("--energy", type=float_range(0, 1, low_open=True), help="per module, smallest rank keeping this fraction of ‖ΔW‖²_F")
+    p.add_argument("--max-rank", type=int_at_least(1), help="rank cap for --energy (default min(m, n))")
+    p.add_argument("--alpha", type=float_range(0, low_open=True), help="lora_alpha of the card (default: 2 × rank, or 32)")
     p.add_argument("--include", help="regex: only modules whose key matches")
     p.add_argument("--exclude", help="regex: skip modules whose key matches")
     p.add_argument("--include-embeddings", action="store_true",
                    help="also decompose embedding and lm_head matrices (skipped by default)")
-    p.add_argument("--heat-map", type=Path, help="HeatMap Parquet (aios-fast probe): spend --budget on hot modules")
-    p.add_argument("--budget", type=int, help="total rank budget with --heat-map")
-    p.add_argument("--min-explained-variance", type=float, help="flag (or --drop-low) modules below this energy")
+    p.add_argument("--heat-map", type=existing_file, help="HeatMap Parquet (aios-fast probe): spend --budget on hot modules")
+    p.add_argument("--budget", type=int_at_least(1), help="total rank budget with --heat-map")
+    p.add_argument("--min-explained-variance", type=float_range(0, 1), help="flag (or --drop-low) modules below this energy")
     p.add_argument("--drop-low", action="store_true", help="drop modules below --min-explained-variance")
     # spelled out rather than linalg.SVD_METHODS: building the parser must not import torch
     p.add_argument("--svd-method", default="krylov", choices=("krylov", "subspace"),
                    help="randomized SVD algorithm (default krylov: block Krylov, 4 passes per module)")
-    p.add_argument("--power-iters", default="auto", help="Krylov steps / power iterations (default auto)")
-    p.add_argument("--oversample", type=int, default=None,
+    p.add_argument("--power-iters", default="auto", type=power_iters, help="Krylov steps / power iterations (default auto)")
+    p.add_argument("--oversample", type=int_at_least(0), default=None,
                    help="extra sketch directions (default: 24 for krylov, 10 for subspace)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--workers", type=int, default=1, help="modules decomposed concurrently (default 1)")
+    p.add_argument("--workers", type=int_at_least(1), default=1, help="modules decomposed concurrently (default 1)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="dtype of the card's factors")
     p.add_argument("--name", help="card name (default: stem of --out)")
@@ -70,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         from ..errors import BackendUnavailableError
         raise BackendUnavailableError("--device cuda: no CUDA GPU is visible to torch")
-    power = args.power_iters if args.power_iters == "auto" else int(args.power_iters)
+    power = args.power_iters
+    if args.out.is_dir():
+        raise InputError(f"--out {args.out}: is a directory; give a card file path")
     rank = args.rank if args.rank is not None else 16
     alpha = args.alpha if args.alpha is not None else float(2 * rank)
     ex = LoRAExtractor(rank=rank, alpha=alpha, min_explained_variance=args.min_explained_variance,

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ._args import existing_file, int_at_least
 from ._common import add_json_flag, console, print_json
 
 
@@ -18,34 +19,36 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Probe an encoder with task texts (and baseline texts for the contrast "
                                    "score); print the hot zones, write heatmap.parquet and heatmap.png.")
     p.add_argument("texts", nargs="*", metavar="TEXTS", help="task texts (default: built-in code corpus)")
-    p.add_argument("--file", type=Path, help="task texts, one per line")
-    p.add_argument("--baseline-file", type=Path,
+    p.add_argument("--file", type=existing_file, help="task texts, one per line")
+    p.add_argument("--baseline-file", type=existing_file,
                    help="baseline texts, one per line (default: built-in general corpus)")
     p.add_argument("--no-baseline", action="store_true", help="skip the baseline pass (no contrast score)")
     p.add_argument("--model", type=Path, help="sentence-transformers/BERT directory (default: bundled MiniLM)")
     p.add_argument("--modules", help="regex selecting module names (default: every nn.Linear)")
     p.add_argument("--score", choices=("contrast", "mean_norm", "raw_l2", "effect_size"),
                    help="ranking score (default: contrast with a baseline, else mean_norm)")
-    p.add_argument("--top", type=int, default=10, help="how many hot zones to print (default 10)")
+    p.add_argument("--top", type=int_at_least(1), default=10, help="how many hot zones to print (default 10)")
     p.add_argument("--out", type=Path, default=Path("aios-probe-out"),
                    help="output directory for heatmap.parquet and heatmap.png (default ./aios-probe-out)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--batch-size", type=int_at_least(1), default=16)
+    p.add_argument("--max-length", type=int_at_least(2), default=128)
     p.add_argument("--device", default="cpu")
     add_json_flag(p)
     p.set_defaults(func=run)
 
 
-def _read_lines(path: Path) -> list[str]:
+def _read_lines(path: Path, arg: str) -> list[str]:
     from ..errors import InputError
 
     try:
         lines = [s.strip() for s in path.read_text(encoding="utf-8").splitlines()]
     except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+        raise InputError(f"{arg} {path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{arg} {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     lines = [s for s in lines if s]
     if not lines:
-        raise InputError(f"{path} has no non-empty lines")
+        raise InputError(f"{arg} {path}: no non-empty lines (one text per line)")
     return lines
 
 
@@ -87,12 +90,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise InputError(f"--top must be >= 1, got {args.top}")
-    task = list(args.texts) + (_read_lines(args.file) if args.file else [])
+    task = list(args.texts) + (_read_lines(args.file, "--file") if args.file else [])
     task_source = "command line/--file" if task else "built-in corpus 'code'"
     task = task or corpus("code")
     baseline = None
     if not args.no_baseline:
-        baseline = _read_lines(args.baseline_file) if args.baseline_file else corpus("general")
+        baseline = _read_lines(args.baseline_file, "--baseline-file") if args.baseline_file else corpus("general")
     c = console()
     engine = load_engine(args.model, args.device, args.max_length)
     probe = WeightMapProbe(engine, modules=args.modules)

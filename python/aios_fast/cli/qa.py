@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ._args import existing_file
 from ._common import add_json_flag, console, print_json
 
 
@@ -12,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     qsub = p.add_subparsers(dest="qa_command", metavar="ACTION")
 
     imp = qsub.add_parser("import", help="append records from a JSONL file (duplicates dropped)")
-    imp.add_argument("file", help="JSONL, one object per line: query, answer[, source, domain, "
+    imp.add_argument("file", type=existing_file, help="JSONL, one object per line: query, answer[, source, domain, "
                                   "timestamp, router_confidence, skill_used]")
     imp.add_argument("--log", required=True, help="log directory (created if missing)")
     add_json_flag(imp)
@@ -42,12 +43,24 @@ def _open(path: str, must_exist: bool):
 
     if must_exist and not Path(path).is_dir():
         raise InputError(f"--log {path}: no such log directory")
-    return QALogger(path)
+    if Path(path).exists() and not Path(path).is_dir():
+        raise InputError(f"--log {path}: is a file; expected a log directory")
+    try:
+        return QALogger(path)
+    except OSError as exc:
+        raise InputError(f"--log {path}: cannot open the log: {exc.strerror}") from None
 
 
 def _import(args: argparse.Namespace) -> int:
+    from ..errors import InputError
+
     with _open(args.log, must_exist=False) as log:
-        added, dups = log.import_jsonl(args.file)
+        try:
+            added, dups = log.import_jsonl(args.file)
+        except InputError as exc:
+            raise InputError(f"FILE {args.file}: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"FILE {args.file}: cannot read UTF-8 JSONL: {exc}") from None
         total = len(log)
     out = {"file": args.file, "log": args.log, "added": added, "duplicates": dups, "total": total}
     if args.json:
@@ -59,8 +72,17 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from ..errors import InputError
+    from ..learn.records import parse_timestamp
+
+    for flag, value in (("--since", args.since), ("--until", args.until)):
+        if value is not None:
+            parse_timestamp(value, flag)  # InputError naming the flag
     with _open(args.log, must_exist=True) as log:
-        n = log.export_jsonl(args.file, since=args.since, until=args.until, domain=args.domain)
+        try:
+            n = log.export_jsonl(args.file, since=args.since, until=args.until, domain=args.domain)
+        except OSError as exc:
+            raise InputError(f"FILE {args.file}: cannot write: {exc.strerror}") from None
     if args.json:
         print_json({"file": args.file, "log": args.log, "records": n})
     else:

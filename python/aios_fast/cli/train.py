@@ -11,6 +11,7 @@ import json
 import random
 from pathlib import Path
 
+from ._args import existing_file, float_range, int_at_least
 from ._common import add_json_flag, console, print_json
 
 _DATA = Path(__file__).resolve().parent.parent / "learn" / "data"
@@ -18,31 +19,31 @@ _DATA = Path(__file__).resolve().parent.parent / "learn" / "data"
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a LoRA skill on QA pairs, validate it, save it if it passes")
-    p.add_argument("--pairs", default=str(_DATA / "ferrowind.jsonl"),
+    p.add_argument("--pairs", default=str(_DATA / "ferrowind.jsonl"), type=existing_file,
                    help="JSONL with query (or question) and answer per line (default: packaged example)")
-    p.add_argument("--heldout", help="held-out JSONL; default: a seeded 25%% split of --pairs")
-    p.add_argument("--guard", default=str(_DATA / "guard.txt"),
+    p.add_argument("--heldout", type=existing_file, help="held-out JSONL; default: a seeded 25%% split of --pairs")
+    p.add_argument("--guard", default=str(_DATA / "guard.txt"), type=existing_file,
                    help="general texts, one per line, for the drift check (default: packaged)")
     p.add_argument("--objective", choices=("contrastive", "sft"), default="contrastive",
                    help="contrastive: bundled MiniLM encoder; sft: bundled SmolLM2 chat model")
     p.add_argument("--out", default="skill.lora.arrow", help="card path (default: ./skill.lora.arrow)")
     p.add_argument("--name", help="skill name (default: from --out)")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rank", type=int_at_least(1), default=8)
+    p.add_argument("--alpha", type=float_range(0, low_open=True), default=16.0)
+    p.add_argument("--epochs", type=int_at_least(1), default=4)
+    p.add_argument("--lr", type=float_range(0, low_open=True), default=3e-3)
+    p.add_argument("--batch-size", type=int_at_least(2), default=16)
     p.add_argument("--init", choices=("default", "pissa"), default="default")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target-modules", help="comma-separated module names or suffixes (default: query,value)")
-    p.add_argument("--margin", type=float, help="required metric gain (default 0.05)")
-    p.add_argument("--max-drift", type=float, help="allowed guard drift (default 0.15 encoder / 0.25 causal)")
+    p.add_argument("--margin", type=float_range(), help="required metric gain (default 0.05)")
+    p.add_argument("--max-drift", type=float_range(0), help="allowed guard drift (default 0.15 encoder / 0.25 causal)")
     p.add_argument("--device", default="cpu")
     add_json_flag(p)
     p.set_defaults(func=run)
 
 
-def _read_pairs(path: str) -> list[tuple[str, str]]:
+def _read_pairs(path: str, arg: str = "--pairs") -> list[tuple[str, str]]:
     from ..errors import InputError
     from ..learn._engine import as_pairs
 
@@ -54,10 +55,12 @@ def _read_pairs(path: str) -> list[tuple[str, str]]:
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as exc:
-                        raise InputError(f"{path}:{n}: not JSON: {exc}") from None
+                        raise InputError(f"{arg} {path}:{n}: not JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{arg} {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
-        raise InputError(f"cannot read pairs file {path}: {exc.strerror}") from None
-    return as_pairs(rows, path)
+        raise InputError(f"{arg} {path}: cannot read: {exc.strerror}") from None
+    return as_pairs(rows, f"{arg} {path}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     pairs = _read_pairs(args.pairs)
     if args.heldout:
-        train, heldout = pairs, _read_pairs(args.heldout)
+        train, heldout = pairs, _read_pairs(args.heldout, "--heldout")
     else:
         order = list(range(len(pairs)))
         random.Random(args.seed).shuffle(order)
@@ -74,8 +77,19 @@ def run(args: argparse.Namespace) -> int:
         heldout, train = [pairs[i] for i in order[:k]], [pairs[i] for i in order[k:]]
     if len(train) < 2:
         raise InputError(f"{args.pairs}: need at least 2 training pairs after the held-out split")
-    guard = [l.strip() for l in Path(args.guard).read_text(encoding="utf-8").splitlines() if l.strip()]
+    try:
+        guard = [l.strip() for l in Path(args.guard).read_text(encoding="utf-8").splitlines() if l.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"--guard {args.guard}: cannot read UTF-8 text: {exc}") from None
+    if not guard:
+        raise InputError(f"--guard {args.guard}: no non-empty lines (one general text per line)")
     out = Path(args.out)
+    if out.exists() and out.is_dir():
+        raise InputError(f"--out {out}: is a directory; give a card file path such as {out / 'skill.lora.arrow'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--out {out}: cannot create its directory: {exc.strerror}") from None
     name = args.name or out.name.split(".")[0] or "skill"
     targets = args.target_modules.split(",") if args.target_modules else None
     if args.objective == "contrastive":

@@ -27,8 +27,8 @@ from typing import Iterator, Union
 
 import torch
 
-from ..errors import InputError
-from .converter import WEIGHTS_FILE, iter_parquet, parquet_names
+from ..errors import BackendUnavailableError, InputError
+from .parquet_format import WEIGHTS_FILE, iter_parquet, parquet_names
 
 __all__ = ["checkpoint_kind", "list_tensors", "iter_tensors", "load_state_dict"]
 
@@ -135,10 +135,23 @@ class _GGUFIndex:
     """GGUF tensor names -> Hugging Face names, via a meta-device model built from the file's config."""
 
     def __init__(self, file: Path) -> None:
-        from gguf import MODEL_ARCH_NAMES, GGUFReader, get_tensor_name_map
+        try:
+            from gguf import MODEL_ARCH_NAMES, GGUFReader, get_tensor_name_map
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                f"reading {file} needs the gguf package: pip install 'aios-fast[models]' ({exc})") from None
         from transformers import AutoConfig, AutoModelForCausalLM
-        from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS, TensorProcessor, load_gguf_checkpoint)
+        try:
+            # a private transformers module (no stable API): guarded, with the versions it is known in
+            from transformers.modeling_gguf_pytorch_utils import (
+                TENSOR_PROCESSORS, TensorProcessor, load_gguf_checkpoint)
+        except ImportError as exc:
+            import transformers
+
+            raise BackendUnavailableError(
+                f"reading {file} needs transformers' GGUF loader (transformers.modeling_gguf_pytorch_utils: "
+                f"load_gguf_checkpoint, TENSOR_PROCESSORS), which transformers {transformers.__version__} "
+                f"does not provide; install transformers>=4.56,<6 ({exc})") from None
 
         try:
             parsed = load_gguf_checkpoint(str(file), return_tensors=False)

@@ -154,7 +154,9 @@ class LoRAExtractor:
         * ``sv_ratio``: keep σᵢ ≥ sv_ratio·σ₁ among the top ``max_rank`` (default 64);
         * ``epsilon``: keep σᵢ > epsilon (absolute) among the top ``max_rank`` (default 64).
 
-        ``include``/``exclude``: regexes (``re.search``) on module keys. Unchanged modules
+        ``include``/``exclude``: the package's selection rule on module keys
+        (:func:`aios_fast.cards.naming.select_modules`: a regex searched in the key, or a list of
+        names / ``.``-suffixes). Unchanged modules
         (ΔW = 0) are left out. ``base_fingerprint``: a string to record, ``True`` to compute
         ``fingerprint_model`` of the base (default: computed when base is a state dict or
         module). Metadata ``explained_variance`` holds per-module ``energy`` (exact: the true
@@ -222,11 +224,26 @@ class LoRAExtractor:
         if bad:
             raise InputError(f"extract: shapes differ for {bad[:3]} (e.g. {tsrc.shape(bad[0])} vs "
                              f"{bsrc.shape(bad[0])}); are these checkpoints of the same architecture?")
-        inc = _regex(include, "include")
-        exc = _regex(exclude, "exclude")
+        # the package's one selection rule (cards.naming.select_modules): a regex searched in
+        # the key, or a list of module names / '.'-suffixes
+        from ..cards.naming import select_modules
+
+        class _NoMatch(Exception):
+            pass
+
+        try:
+            chosen = (set(select_modules(common, include, what="extract: include", error=_NoMatch))
+                      if include is not None else None)
+        except _NoMatch:
+            chosen = set()  # reported below as "no module left", with both filters
+        try:
+            dropped = set(select_modules(common, exclude, what="extract: exclude", error=_NoMatch)
+                          if exclude is not None else ())
+        except _NoMatch:
+            dropped = set()
         skip = None if self.include_embeddings else re.compile(DEFAULT_SKIP)
         out = [k for k in common
-               if (inc is None or inc.search(k)) and not (exc is not None and exc.search(k))
+               if (chosen is None or k in chosen) and k not in dropped
                and not (skip is not None and skip.search(k))]
         if not out:
             raise InputError(f"extract: no module left after include={include!r} exclude={exclude!r} "
@@ -392,15 +409,6 @@ def _mode(rank, energy, sv_ratio, epsilon, default_rank):
     if kind == "epsilon" and not (isinstance(v, (int, float)) and v >= 0):
         raise InputError(f"extract_delta: epsilon must be ≥ 0, got {v!r}")
     return (kind, v)
-
-
-def _regex(pattern, what):
-    if pattern is None:
-        return None
-    try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise InputError(f"extract: {what} regex {pattern!r} is invalid: {exc}") from None
 
 
 def _tensor(x, what):

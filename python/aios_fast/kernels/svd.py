@@ -103,6 +103,17 @@ def _sketch_cpp(T, B, X=None, Y=None, block_rows=None, out=None):
 def _sketch_cuda(T, B, X=None, Y=None, block_rows=None, out=None):
     if T.dtype == torch.float64:
         return _sketch_torch(T, B, X, Y, block_rows, out)
+    for what, t in (("B", B), ("X", X), ("Y", Y), ("out", out)):
+        if t is not None and t.device != T.device:
+            from ..errors import InputError
+
+            raise InputError(f"delta_sketch: {what} is on {t.device} but T is on {T.device}; "
+                             f"put every operand on one device")
+    if T.device.index is not None and T.device.index != torch.cuda.current_device():
+        # The kernel launches on the current device with the stream passed in: make T's device
+        # current (as token_norms does), else a cuda:1 extraction would run on cuda:0.
+        with torch.cuda.device(T.device):
+            return _sketch_cuda(T, B, X, Y, block_rows, out)
     C = _native.native()
     m, n = T.shape
     T = T.contiguous()
@@ -153,7 +164,8 @@ backends.define("delta_sketch", __doc__.split("``delta_sketch``")[1].split("``or
 
 
 @backends.register("delta_sketch", "cuda", devices=("cuda",), priority=0,
-                   why="fused convert+subtract+norm kernel, GEMM by cuBLAS on the same stream",
+                   why="fused convert+subtract+norm kernel, GEMM by cuBLAS on the same stream "
+                       "(unmeasured: no GPU benchmark yet shows it beats the torch reference)",
                    available=lambda: ((_native.has("delta_tile_cuda") and torch.cuda.is_available()),
                                       "needs _C built with CUDA and a visible GPU"))
 def _reg_cuda(T, B, X=None, Y=None, block_rows=None, out=None):

@@ -13,7 +13,6 @@ back and copies the saved original weights into place, so the base model is bit-
 from __future__ import annotations
 
 import math
-import re
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -48,31 +47,36 @@ class LoRALinear(nn.Module):
 def resolve_targets(model: nn.Module, target_modules: Sequence[str] | str | None) -> list[str]:
     """Module keys of the ``nn.Linear`` layers to adapt.
 
-    ``None``: every Linear whose last name part is in :data:`DEFAULT_TARGETS`. A list: entries
-    match a full key or its last part(s) (``"query"`` matches ``encoder.layer.0.attention.self.query``).
-    A string: a regular expression matched (``re.fullmatch``) against full keys.
+    ``None``: every Linear whose last name part is in :data:`DEFAULT_TARGETS`. Otherwise the
+    package's one selection rule (:func:`aios_fast.cards.naming.select_modules`): a list's
+    entries name a key or a ``.``-suffix of it (``"query"`` matches
+    ``encoder.layer.0.attention.self.query``); a string is a regular expression searched in
+    the full key. Layers LoRA cannot adapt (quantised linears, MultiheadAttention's out_proj)
+    are never candidates.
     """
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    from ..cards.naming import select_modules
+    from ..lora.layer import geometry_of
+
+    mods = dict(model.named_modules())
+    linears = {}
+    for n, m in mods.items():
+        if isinstance(m, nn.Linear):
+            try:
+                geometry_of(m, n, mods.get(n.rpartition(".")[0]))
+            except CardMismatchError:
+                continue
+            linears[n] = m
     if target_modules is None:
         keys = [n for n in linears if n.rsplit(".", 1)[-1] in DEFAULT_TARGETS]
-        what = f"default targets {DEFAULT_TARGETS}"
-    elif isinstance(target_modules, str):
-        rx = re.compile(target_modules)
-        keys = [n for n in linears if rx.fullmatch(n)]
-        what = f"regex {target_modules!r}"
-    else:
-        wanted = list(target_modules)
-        if not wanted or not all(isinstance(t, str) and t for t in wanted):
-            raise InputError(f"target_modules must be non-empty strings, got {target_modules!r}")
-        keys = [n for n in linears if any(n == t or n.endswith("." + t) for t in wanted)]
-        missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in keys)]
-        if missing:
-            raise CardMismatchError(f"target_modules {missing} match no nn.Linear of "
+        if not keys:
+            raise CardMismatchError(f"default targets {DEFAULT_TARGETS} match no nn.Linear of "
                                     f"{type(model).__name__}; some Linear keys: {sorted(linears)[:6]}")
-        what = f"target_modules {wanted}"
-    if not keys:
-        raise CardMismatchError(f"{what} match no nn.Linear of {type(model).__name__}; "
-                                f"some Linear keys: {sorted(linears)[:6]}")
+        return sorted(keys)
+    try:
+        keys = select_modules(linears, target_modules, what="target_modules", error=CardMismatchError)
+    except CardMismatchError as exc:
+        raise CardMismatchError(f"{exc} (candidates: the nn.Linear layers of "
+                                f"{type(model).__name__}; they match no nn.Linear)") from None
     return sorted(keys)
 
 

@@ -9,14 +9,22 @@
 
 A card passes iff the primary metric improves by at least ``margin`` (recall@1 up, or answer
 NLL down) and the drift is at most ``max_drift``. The report is stored in the card's metadata
-under ``"validation"`` as a JSON string; :func:`save_validated` refuses cards that failed.
+under ``"validation"`` as a JSON string and bound to the card's tensors by
+``LoRACard.tensor_checksum()``; :func:`save_validated` refuses cards that failed and reports
+that belong to other tensors.
+
+The measurement does not disturb the caller: the base figures are taken inside
+:func:`aios_fast.lora.base_only` (the caller's global, merged and scoped cards set aside, in
+this thread only) and the candidate is entered as a scoped card under a private name, so it
+works inside ``mgr.applied(...)``, with merged cards, and while other threads serve requests.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+import uuid
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,6 +55,8 @@ class ValidationReport:
     details: dict[str, float] = field(default_factory=dict)
     n_heldout: int = 0
     n_guard: int = 0
+    #: ``LoRACard.tensor_checksum()`` of the card measured (None in reports from before it existed)
+    card_checksum: str | None = None
 
     @property
     def improvement(self) -> float:
@@ -63,9 +73,22 @@ class ValidationReport:
 
     @classmethod
     def from_json(cls, text: str) -> "ValidationReport":
-        d = json.loads(text)
+        """Parse :meth:`to_json` output; raise :class:`InputError` naming what is wrong."""
+        try:
+            d = json.loads(text)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"validation report is not JSON: {exc}") from None
+        if not isinstance(d, dict):
+            raise InputError(f"validation report must be a JSON object, got {type(d).__name__}")
         d.pop("improvement", None)
-        return cls(**d)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InputError(f"validation report has unknown fields {unknown}; expected {sorted(known)}")
+        try:
+            return cls(**d)
+        except TypeError as exc:
+            raise InputError(f"validation report is incomplete: {exc}") from None
 
 
 def retrieval_metrics(view: EngineView, pairs: Sequence[tuple[str, str]], k: int = 10,
@@ -143,10 +166,13 @@ def validate(card, engine: Any, heldout_pairs: Any, guard_texts: Sequence[str], 
         distractors: extra candidate answers for encoder retrieval (e.g. the training
             answers), which makes recall@1 harder and closer to a node's real answer pool.
         store: write the report into ``card.metadata["validation"]`` (JSON).
-    The card is applied with :class:`LoRAManager` for the measurement only; the model is left
-    as it was.
+    The card is applied as a scoped card for the measurement only, under a private name; the
+    base is measured with every other card set aside (:func:`aios_fast.lora.base_only`), in
+    this thread only. The model is left as it was, and other threads keep their cards.
     """
+    from ..cards import LoRACard
     from ..lora import LoRAManager
+    from ..lora.layer import base_only
 
     view = as_engine(engine)
     heldout = as_pairs(heldout_pairs, "heldout_pairs")
@@ -159,10 +185,17 @@ def validate(card, engine: Any, heldout_pairs: Any, guard_texts: Sequence[str], 
     d = DEFAULTS[view.kind]
     margin = d["margin"] if margin is None else float(margin)
     max_drift = d["max_drift"] if max_drift is None else float(max_drift)
-    before, guard_before = _measure(view, heldout, guard, distractors)
+    if not isinstance(card, LoRACard):
+        raise InputError(f"validate needs a LoRACard, got {type(card).__name__}")
+    # A private name: the caller may hold a card of the same name (global or scoped) on this
+    # model; the tensors are shared, not copied.
+    probe = replace(card, name=f"{card.name}#validate-{uuid.uuid4().hex[:12]}",
+                    metadata={})
     mgr = LoRAManager(view.model)
-    with mgr.applied(card, check_fingerprint=check_fingerprint):
-        after, guard_after = _measure(view, heldout, guard, distractors)
+    with base_only():
+        before, guard_before = _measure(view, heldout, guard, distractors)
+        with mgr.applied(probe, check_fingerprint=check_fingerprint):
+            after, guard_after = _measure(view, heldout, guard, distractors)
     details = {f"{k}_before": v for k, v in before.items()}
     details.update({f"{k}_after": v for k, v in after.items()})
     if view.kind == "encoder":
@@ -182,7 +215,8 @@ def validate(card, engine: Any, heldout_pairs: Any, guard_texts: Sequence[str], 
         reasons.append(f"drift on the guard set is {drift:.4f}, above the bound {max_drift}")
     report = ValidationReport(kind=view.kind, metric=metric, before=before[metric], after=after[metric],
                               margin=margin, drift=drift, max_drift=max_drift, passed=not reasons,
-                              reasons=reasons, details=details, n_heldout=len(heldout), n_guard=len(guard))
+                              reasons=reasons, details=details, n_heldout=len(heldout), n_guard=len(guard),
+                              card_checksum=card.tensor_checksum())
     if store:
         card.metadata["validation"] = report.to_json()
     return report
@@ -191,14 +225,27 @@ def validate(card, engine: Any, heldout_pairs: Any, guard_texts: Sequence[str], 
 def save_validated(card, path: str | Path, report: ValidationReport | None = None) -> Path:
     """Save ``card`` with ``LoRAFormat.save`` only if it passed the gate; else raise
     :class:`SkillRejectedError` with the reasons. ``report`` defaults to the one stored in the
-    card's metadata by :func:`validate`."""
+    card's metadata by :func:`validate`. The report must be bound to this card's tensors
+    (``report.card_checksum == card.tensor_checksum()``): a report made for other tensors, or
+    one with no checksum, is refused."""
     from ..cards import LoRAFormat
 
     if report is None:
         text = card.metadata.get("validation")
         if not text:
             raise SkillRejectedError(f"card {card.name!r} has no validation report; run validate() first")
-        report = ValidationReport.from_json(text)
+        try:
+            report = ValidationReport.from_json(text)
+        except InputError as exc:
+            raise SkillRejectedError(f"card {card.name!r}: metadata['validation'] is unusable: {exc}") from None
+    if report.card_checksum is None:
+        raise SkillRejectedError(f"card {card.name!r}: the validation report is not bound to any tensors "
+                                 f"(no card_checksum); run validate() on this card")
+    actual = card.tensor_checksum()
+    if report.card_checksum != actual:
+        raise SkillRejectedError(f"card {card.name!r}: the validation report was made for tensors "
+                                 f"{report.card_checksum}, but this card's tensors are {actual}; "
+                                 f"run validate() on this card")
     if not report.passed:
         raise SkillRejectedError(f"card {card.name!r} failed the validation gate and was not saved to "
                                  f"{path}: " + "; ".join(report.reasons))

@@ -15,7 +15,16 @@ then :func:`dispatch_conv1d` (transformers' GPT-2 ``Conv1D``, whose weight is st
 Thread safety: the adapter table is copy-on-write (every change builds a new dict and swaps
 it in one assignment), so a forward running in another thread always iterates one consistent
 snapshot. Which *scoped* adapters a forward uses comes from a :class:`contextvars.ContextVar`
-(:data:`ACTIVE_SCOPED`), so each thread (or asyncio task) sees only the cards it entered.
+(:data:`ACTIVE_SCOPED`), so each thread (or asyncio task) sees only the cards it entered. Its
+keys are ``(owner, name)``: the owner is the :class:`LoRAManager` scope that registered the
+adapter, so two managers on two models (or one) never apply each other's same-named cards.
+:func:`base_only` hides every card (global, merged or scoped) from forwards run in the current
+context only: the validation gate measures the base model with it while other threads keep
+serving their cards.
+
+No tensor created under ``torch.inference_mode()`` is kept: factors (and the pre-scaled B of
+global adapters) are made ordinary tensors when registered, so an ``encode()`` under inference
+mode followed by a forward with gradients (training, attribution) works.
 Merging changes the shared base weight in place and is therefore *not* safe while other
 threads run the model; do it between requests.
 """
@@ -23,8 +32,9 @@ threads run the model; do it between requests.
 from __future__ import annotations
 
 import contextvars
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Hashable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -34,6 +44,7 @@ from ..errors import CardMismatchError
 __all__ = [
     "ACTIVE_SCOPED",
     "Adapter",
+    "base_only",
     "LayerGeometry",
     "LoRALayer",
     "DISPATCHERS",
@@ -43,10 +54,40 @@ __all__ = [
     "supported_types",
 ]
 
-#: Scoped adapters active in the current thread / task: adapter name -> weight.
+#: Scoped adapters active in the current thread / task: ``(owner, adapter name) -> weight``.
 #: Read by :meth:`LoRALayer.forward`; set by :meth:`aios_fast.lora.LoRAManager.applied`.
-ACTIVE_SCOPED: contextvars.ContextVar[Mapping[str, float]] = contextvars.ContextVar(
+ACTIVE_SCOPED: contextvars.ContextVar[Mapping[tuple[Hashable, str], float]] = contextvars.ContextVar(
     "aios_fast_lora_active_scoped", default={})
+
+#: True inside :func:`base_only`: forwards in this context ignore global and merged adapters.
+_BASE_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("aios_fast_lora_base_only",
+                                                                  default=False)
+
+
+@contextmanager
+def base_only() -> Iterator[None]:
+    """Inside the block, forwards run *in this thread / asyncio task* see the base model: global
+    adapters are skipped, merged ones are subtracted on the fly (exact up to round-off) and the
+    scoped cards entered so far are hidden. Cards entered with ``LoRAManager.applied`` inside
+    the block do count, so ``with base_only(): ...; with mgr.applied(card): ...`` measures the
+    base and the base plus ``card`` without touching what other threads see. Used by
+    :func:`aios_fast.learn.validate`."""
+    t1 = _BASE_ONLY.set(True)
+    t2 = ACTIVE_SCOPED.set({})
+    try:
+        yield
+    finally:
+        ACTIVE_SCOPED.reset(t2)
+        _BASE_ONLY.reset(t1)
+
+
+def _ordinary(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or a normal copy when it was created under ``torch.inference_mode``
+    (inference tensors cannot be saved for backward outside that mode)."""
+    if t.is_inference():
+        with torch.inference_mode(False):
+            return t.clone()
+    return t
 
 
 @dataclass(frozen=True)
@@ -59,8 +100,23 @@ class LayerGeometry:
     kind: str = "linear"
 
 
+def _refuse_quantised(module: nn.Module, name: str) -> None:
+    """Quantised linears (bitsandbytes ``Linear8bitLt``/``Linear4bit`` and the like subclass
+    ``nn.Linear`` but store int8 / packed weights): casting A and B to that dtype would wipe
+    the adapter, and merging into packed weights is meaningless. Refuse them by name."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        return
+    if not w.dtype.is_floating_point or type(w) not in (torch.Tensor, nn.Parameter):
+        raise CardMismatchError(
+            f"module {name or '<root>'!r} is a {type(module).__module__}.{type(module).__qualname__} "
+            f"with a {type(w).__name__} weight of dtype {w.dtype}: quantised layers cannot hold a LoRA "
+            f"adapter here (their weight is not a plain floating-point tensor); adapt an unquantised "
+            f"copy of the model, or leave this module out of the card")
+
+
 def dispatch_linear(module: nn.Module) -> LayerGeometry | None:
-    """``nn.Linear`` (and subclasses): weight ``(out, in)``."""
+    """``nn.Linear`` (and subclasses with a plain floating-point weight): weight ``(out, in)``."""
     if isinstance(module, nn.Linear):
         return LayerGeometry(module.in_features, module.out_features, False, "linear")
     return None
@@ -95,11 +151,19 @@ def supported_types() -> list[str]:
     return names
 
 
-def geometry_of(module: nn.Module, name: str = "") -> LayerGeometry:
+def geometry_of(module: nn.Module, name: str = "", parent: nn.Module | None = None) -> LayerGeometry:
     """Run the dispatch chain on ``module``; raise :class:`CardMismatchError` listing the
-    supported types when no dispatcher accepts it."""
+    supported types when no dispatcher accepts it, and for layers that look adaptable but are
+    not: quantised linears, and ``nn.MultiheadAttention.out_proj`` (pass ``parent``), which
+    MHA reads by weight instead of calling, so a wrapper would be silently bypassed."""
     if isinstance(module, LoRALayer):
         return module.geometry
+    if isinstance(parent, nn.MultiheadAttention) and module is getattr(parent, "out_proj", None):
+        raise CardMismatchError(
+            f"module {name or '<root>'!r} is the out_proj of a torch.nn.MultiheadAttention, which reads "
+            f"its weight directly instead of calling it: a LoRA wrapper there would be bypassed; "
+            f"leave it out of the card (or merge the delta into the weight yourself)")
+    _refuse_quantised(module, name)
     for dispatch in DISPATCHERS:
         geo = dispatch(module)
         if geo is not None:
@@ -113,7 +177,7 @@ def geometry_of(module: nn.Module, name: str = "") -> LayerGeometry:
 class Adapter:
     """One named adapter in a layer. ``A`` (r, in) and ``B`` (out, r) live on the base layer's
     device and dtype. ``weight`` is the global mixing weight; ``None`` marks a scoped adapter,
-    whose weight comes from :data:`ACTIVE_SCOPED` at forward time."""
+    whose weight comes from :data:`ACTIVE_SCOPED` at forward time under key ``(owner, name)``."""
 
     name: str
     A: torch.Tensor
@@ -121,16 +185,23 @@ class Adapter:
     scaling: float
     weight: float | None = 1.0
     merged: bool = False
-    # B pre-multiplied by weight·scaling for global adapters (saves one op per forward).
+    owner: Hashable = None
+    # B pre-multiplied by weight·scaling for global adapters (saves one op per forward). Made
+    # here, eagerly and outside inference mode: a lazily cached product made during an
+    # inference-mode forward would be an inference tensor and break later autograd forwards.
     _B_scaled: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.A, self.B = _ordinary(self.A), _ordinary(self.B)
+        if self.weight is not None and self._B_scaled is None:
+            with torch.inference_mode(False), torch.no_grad():
+                self._B_scaled = (self.B * (self.weight * self.scaling)).contiguous()
 
     @property
     def scoped(self) -> bool:
         return self.weight is None
 
     def b_scaled(self) -> torch.Tensor:
-        if self._B_scaled is None:
-            self._B_scaled = (self.B * (self.weight * self.scaling)).contiguous()
         return self._B_scaled
 
     def delta_weight(self, weight: float) -> torch.Tensor:
@@ -138,9 +209,14 @@ class Adapter:
         return (self.B.float() @ self.A.float()) * (weight * self.scaling)
 
     def moved(self, device: torch.device, dtype: torch.dtype) -> "Adapter":
-        return Adapter(self.name, self.A.to(device=device, dtype=dtype).contiguous(),
-                       self.B.to(device=device, dtype=dtype).contiguous(),
-                       self.scaling, self.weight, self.merged)
+        with torch.inference_mode(False):
+            return Adapter(self.name, self.A.to(device=device, dtype=dtype).contiguous(),
+                           self.B.to(device=device, dtype=dtype).contiguous(),
+                           self.scaling, self.weight, self.merged, self.owner)
+
+    def with_merged(self, merged: bool) -> "Adapter":
+        return Adapter(self.name, self.A, self.B, self.scaling, self.weight, merged, self.owner,
+                       self._B_scaled)
 
 
 def _add_lora(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -192,7 +268,8 @@ class LoRALayer(nn.Module):
         # (one attribute assignment), so a concurrent forward sees either all old or all new.
         glob = tuple(a for a in table.values() if a.weight is not None and not a.merged)
         scoped = tuple(a for a in table.values() if a.weight is None)
-        object.__setattr__(self, "_table", (table, glob, scoped))
+        merged = tuple(a for a in table.values() if a.merged)
+        object.__setattr__(self, "_table", (table, glob, scoped, merged))
 
     @property
     def adapters(self) -> Mapping[str, Adapter]:
@@ -208,9 +285,10 @@ class LoRALayer(nn.Module):
         return w.device, w.dtype
 
     def add_adapter(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float,
-                    weight: float | None = 1.0) -> None:
+                    weight: float | None = 1.0, owner: Hashable = None) -> None:
         """Register adapter ``name``; ``A`` and ``B`` are converted to the base weight's device
-        and dtype (no copy when they already match). ``weight=None`` makes it scoped."""
+        and dtype (no copy when they already match). ``weight=None`` makes it scoped: it then
+        counts where :data:`ACTIVE_SCOPED` holds ``(owner, name)``."""
         geo = self.geometry
         r = A.shape[0]
         if A.ndim != 2 or B.ndim != 2 or A.shape[1] != geo.in_features or B.shape != (geo.out_features, r):
@@ -221,7 +299,8 @@ class LoRALayer(nn.Module):
         if name in self._adapters:
             raise CardMismatchError(f"adapter {name!r} is already present in this layer")
         device, dtype = self._target()
-        ad = Adapter(name, A, B, float(scaling), None if weight is None else float(weight)).moved(device, dtype)
+        ad = Adapter(name, A, B, float(scaling), None if weight is None else float(weight),
+                     owner=owner).moved(device, dtype)
         table = dict(self._adapters)
         table[name] = ad
         self._adapters = table  # one assignment: readers see the old or the new table
@@ -240,14 +319,19 @@ class LoRALayer(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
-        _, glob, scoped = self._table  # one snapshot: safe against concurrent add/remove
-        for ad in glob:  # global, unmerged: B already carries weight·scaling
-            out = _add_lora(out, x, ad.A, ad.b_scaled(), 1.0)
+        _, glob, scoped, merged = self._table  # one snapshot: safe against concurrent add/remove
+        if _BASE_ONLY.get():
+            # base_only(): this context measures the base model; cancel what is merged in.
+            for ad in merged:
+                out = _add_lora(out, x, ad.A, ad.B, -ad.weight * ad.scaling)
+        else:
+            for ad in glob:  # global, unmerged: B already carries weight·scaling
+                out = _add_lora(out, x, ad.A, ad.b_scaled(), 1.0)
         if scoped:
             active = ACTIVE_SCOPED.get()
             if active:  # scoped adapters count only where the current context entered them
                 for ad in scoped:
-                    w = active.get(ad.name)
+                    w = active.get((ad.owner, ad.name))
                     if w is not None:
                         out = _add_lora(out, x, ad.A, ad.B, w * ad.scaling)
         return out
@@ -270,7 +354,7 @@ class LoRALayer(nn.Module):
                 self._base_copy = w.detach().clone()
             w.copy_((w.float() + self._delta_in_weight_layout(ad)).to(w.dtype))
         table = dict(self._adapters)
-        table[name] = Adapter(ad.name, ad.A, ad.B, ad.scaling, ad.weight, True)
+        table[name] = ad.with_merged(True)
         self._adapters = table
 
     def unmerge(self, name: str) -> None:
@@ -279,7 +363,7 @@ class LoRALayer(nn.Module):
         if not ad.merged:
             return
         table = dict(self._adapters)
-        table[name] = Adapter(ad.name, ad.A, ad.B, ad.scaling, ad.weight, False)
+        table[name] = ad.with_merged(False)
         w = self.base_layer.weight
         with torch.no_grad():
             if self._base_copy is not None:

@@ -13,8 +13,14 @@ Two ways to apply a card:
   registered in the layers once (reference counted across threads that use the same card);
   which scoped cards a forward uses is read from a :class:`contextvars.ContextVar`, so
   several threads serving requests on one model each see only their own card (plus the
-  global ones). Registration changes are copy-on-write and serialised by a lock, so a forward
-  in one thread never sees a half-updated adapter table.
+  global ones). The context holds ``(manager, card name)`` pairs, so a card entered on one
+  manager never applies to another manager's model, even when both cards share a name.
+  Registration changes are copy-on-write and serialised by a lock, so a forward in one thread
+  never sees a half-updated adapter table.
+
+Layers the manager refuses with a clear :class:`CardMismatchError`: quantised linears (their
+weight is not a plain floating-point tensor) and ``nn.MultiheadAttention.out_proj`` (read by
+weight, never called).
 
 Merging and unmerging write the shared base weights in place: do them between requests, not
 while other threads run the model.
@@ -22,7 +28,9 @@ while other threads run the model.
 
 from __future__ import annotations
 
+import itertools
 import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from os import PathLike
@@ -33,7 +41,7 @@ from torch import nn
 
 from ..cards import naming as _naming
 from ..errors import CardMismatchError, InputError
-from .layer import ACTIVE_SCOPED, LayerGeometry, LoRALayer, geometry_of
+from .layer import ACTIVE_SCOPED, DISPATCHERS, LayerGeometry, LoRALayer, geometry_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..cards import LoRACard
@@ -41,6 +49,32 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["LoRAManager"]
 
 _BASE = ".base_layer"
+_SERIAL = itertools.count(1)
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _model_lock(model: nn.Module) -> threading.RLock:
+    """One lock per model, shared by every manager on it: wrapping and unwrapping layers (and
+    the validation gate's own manager) must not race another manager on the same model."""
+    with _LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
+
+
+class _Owner:
+    """Identity of one manager in :data:`ACTIVE_SCOPED` keys (hashable by identity; holds no
+    reference to the manager, so a context that outlives it keeps nothing alive)."""
+
+    __slots__ = ("serial",)
+
+    def __init__(self) -> None:
+        self.serial = next(_SERIAL)
+
+    def __repr__(self) -> str:
+        return f"<LoRAManager scope #{self.serial}>"
 
 
 @dataclass
@@ -83,7 +117,8 @@ class LoRAManager:
         self.exact_unmerge = exact_unmerge
         self._entries: dict[str, _Entry] = {}
         self._loaded: dict[str, "LoRACard"] = {}
-        self._lock = threading.RLock()
+        self._lock = _model_lock(model)
+        self._owner = _Owner()
 
     # ================================================================== public API
     def load_card(self, path: str | PathLike, *, verify: bool = True) -> "LoRACard":
@@ -166,7 +201,8 @@ class LoRAManager:
         card = self._resolve_card(card)
         weight = self._check_weight(weight)
         current = ACTIVE_SCOPED.get()
-        if card.name in current:
+        key = (self._owner, card.name)
+        if key in current:
             raise InputError(f"card {card.name!r} is already applied in this scope")
         with self._lock:
             entry = self._entries.get(card.name)
@@ -181,7 +217,7 @@ class LoRAManager:
                 raise InputError(f"another card named {card.name!r} is in use by a scoped block; "
                                  f"cards need distinct names")
             entry.refcount += 1
-        token = ACTIVE_SCOPED.set({**current, card.name: weight})
+        token = ACTIVE_SCOPED.set({**current, key: weight})
         try:
             yield card
         finally:
@@ -199,8 +235,12 @@ class LoRAManager:
         for k, v in self.model.state_dict().items():
             sd[k.replace(_BASE + ".", ".")] = v
         with self._lock:
-            for mod_name in {m for e in self._entries.values() for m in e.targets.values()}:
-                layer = self._layer(mod_name)
+            # Every wrapped layer, not only this manager's: a layer merged by another manager
+            # (or by the caller, when the validation gate measures on its own manager) must
+            # still report its original weight.
+            for mod_name, layer in self.model.named_modules():
+                if not isinstance(layer, LoRALayer):
+                    continue
                 if layer._base_copy is not None:
                     sd[f"{mod_name}.weight" if mod_name else "weight"] = layer._base_copy
                 elif layer.merged_names:
@@ -250,23 +290,29 @@ class LoRAManager:
         assert isinstance(layer, LoRALayer), mod_name  # the manager put it there
         return layer
 
-    def _adaptable(self) -> dict[str, LayerGeometry]:
+    def _adaptable(self) -> tuple[dict[str, LayerGeometry], dict[str, str]]:
         """Module name -> geometry for every layer the dispatch chain accepts (wrapped layers
-        are listed under their own name, their inner ``base_layer`` is skipped)."""
+        are listed under their own name, their inner ``base_layer`` is skipped), and module
+        name -> reason for the layers that look adaptable but are refused (quantised linears,
+        MultiheadAttention's out_proj)."""
         out: dict[str, LayerGeometry] = {}
+        refused: dict[str, str] = {}
         skip: set[str] = set()
-        for name, mod in self.model.named_modules():  # parents come before children
+        mods = dict(self.model.named_modules())
+        for name, mod in mods.items():  # parents come before children
             if name in skip:
                 continue
             if isinstance(mod, LoRALayer):
                 out[name] = mod.geometry
                 skip.add(f"{name}{_BASE}" if name else _BASE[1:])
                 continue
+            parent = mods.get(name.rpartition(".")[0]) if name else None
             try:
-                out[name] = geometry_of(mod, name)
-            except CardMismatchError:
-                pass
-        return out
+                out[name] = geometry_of(mod, name, parent)
+            except CardMismatchError as exc:
+                if any(d(mod) is not None for d in DISPATCHERS):
+                    refused[name] = str(exc)
+        return out, refused
 
     def _match(self, key: str, naming: str, modules: dict[str, LayerGeometry],
                suffixes: dict[str, list[str]]) -> str:
@@ -294,6 +340,15 @@ class LoRAManager:
             f"card key {key!r} matches no adaptable module of the model (tried {tried}); "
             f"adaptable modules look like {sorted(modules)[:3]}")
 
+    @staticmethod
+    def _suffixes(modules) -> dict[str, list[str]]:
+        suffixes: dict[str, list[str]] = {}
+        for name in modules:
+            parts = name.split(".")
+            for i in range(1, len(parts)):
+                suffixes.setdefault(".".join(parts[i:]), []).append(name)
+        return suffixes
+
     def _plan(self, card: "LoRACard", check_fingerprint: bool) -> _Plan:
         """Validate everything and prepare the converted factors; changes nothing."""
         if check_fingerprint and card.base_fingerprint is not None:
@@ -302,14 +357,17 @@ class LoRAManager:
                 raise CardMismatchError(
                     f"card {card.name!r} was made for base model {card.base_fingerprint}, but this "
                     f"model's fingerprint is {fp}; pass check_fingerprint=False to apply it anyway")
-        modules = self._adaptable()
+        modules, refused = self._adaptable()
+        for key in (card.modules if refused else ()):
+            # a key naming a refused layer gets the reason, not "matches no module"
+            try:
+                hit = self._match(key, card.naming, refused, self._suffixes(refused))
+            except CardMismatchError:
+                continue
+            raise CardMismatchError(f"card {card.name!r}, module {key!r}: {refused[hit]}")
         if not modules:
             raise CardMismatchError(f"card {card.name!r}: the model has no layer LoRA can adapt")
-        suffixes: dict[str, list[str]] = {}
-        for name in modules:
-            parts = name.split(".")
-            for i in range(1, len(parts)):
-                suffixes.setdefault(".".join(parts[i:]), []).append(name)
+        suffixes = self._suffixes(modules)
         plan = _Plan(card, {})
         seen: dict[str, str] = {}
         for key in card.modules:
@@ -350,7 +408,7 @@ class LoRAManager:
         try:
             for mod_name, (A, B, scaling) in plan.factors.items():
                 layer = self._wrap(mod_name)
-                layer.add_adapter(plan.card.name, A, B, scaling, weight)
+                layer.add_adapter(plan.card.name, A, B, scaling, weight, owner=self._owner)
                 done.append(mod_name)
         except BaseException:
             for mod_name in done:

@@ -6,7 +6,6 @@ factors are non-zero here, so an applied card really changes the model's output.
 
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
 import torch
@@ -20,21 +19,23 @@ __all__ = ["linear_shapes", "random_card"]
 
 def linear_shapes(model: nn.Module, modules: str | list[str] | None = None) -> dict[str, tuple[int, int]]:
     """Module name -> ``(in_features, out_features)`` for every layer LoRA can adapt in
-    ``model``, optionally only names matching the regex ``modules`` or listed in it."""
+    ``model``, optionally only those :func:`aios_fast.cards.naming.select_modules` picks with
+    ``modules`` (a regex searched in the name, or a list of names / ``.``-suffixes)."""
+    from ..cards.naming import select_modules
+
     out = {}
-    for name, mod in model.named_modules():
+    mods = dict(model.named_modules())
+    for name, mod in mods.items():
         if not name or name.endswith(".base_layer"):
             continue
-        if isinstance(modules, str) and not re.search(modules, name):
-            continue
-        if isinstance(modules, list) and name not in modules:
-            continue
         try:
-            geo = geometry_of(mod, name)
+            geo = geometry_of(mod, name, mods.get(name.rpartition(".")[0]))
         except ValueError:
             continue
         out[name] = (geo.in_features, geo.out_features)
-    return out
+    if modules is None:
+        return out
+    return {n: out[n] for n in select_modules(out, modules, what="modules")}
 
 
 def random_card(shapes: Mapping[str, tuple[int, int]] | nn.Module, *, name: str = "random",

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,24 +29,13 @@ import numpy as np
 
 from .._atomic import atomic_write
 from ..errors import InputError
+from .names import split_name
 
 __all__ = ["HeatMap", "split_name", "SCORES"]
 
 SCORES = ("raw_l2", "mean_norm", "contrast", "effect_size")
 _STAT_KEYS = ("count", "sum", "sumsq", "max", "mean_norm", "raw_l2", "std_norm")
 _FORMAT_VERSION = "1"
-_LAYER_RX = re.compile(r"^(?:(.*?)\.)?(\d+)\.(.+)$")
-
-
-def split_name(name: str) -> tuple[int | None, str]:
-    """``encoder.layer.3.attention.self.query`` -> ``(3, "attention.self.query")``;
-    names without a layer index -> ``(None, name)``."""
-    m = _LAYER_RX.match(name)
-    if not m:
-        return None, name
-    return int(m.group(2)), m.group(3)
-
-
 @dataclass
 class HeatMap:
     """Result of :meth:`WeightMapProbe.probe`.

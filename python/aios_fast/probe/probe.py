@@ -87,26 +87,15 @@ class WeightMapProbe:
         type_names = ", ".join(t.__name__ for t in self.types)
         if not candidates:
             raise InputError(f"the model has no modules of type {type_names}; pass types=(...)")
-        if modules is None:
-            return candidates
-        if isinstance(modules, str):
-            try:
-                rx = re.compile(modules)
-            except re.error as exc:
-                raise InputError(f"modules={modules!r} is not a valid regular expression: {exc}") from None
-            chosen = [n for n in candidates if rx.search(n)]
-            if not chosen:
-                raise InputError(f"modules={modules!r} matches none of the {len(candidates)} {type_names} "
-                                 f"modules; some available: {candidates[:8]}")
-            return chosen
-        names = list(modules)
-        if not names:
+        from ..cards.naming import select_modules
+
+        # the package's one selection rule: regex searched, or names / '.'-suffixes
+        if modules is not None and not isinstance(modules, str) and not list(modules):
             raise InputError("modules=[] selects nothing; pass None for every module")
-        missing = [n for n in names if n not in set(candidates)]
-        if missing:
-            raise InputError(f"modules {missing[:5]} are not {type_names} modules of the model; "
-                             f"some available: {candidates[:8]}")
-        return names
+        try:
+            return select_modules(candidates, modules, what="modules")
+        except InputError as exc:
+            raise InputError(f"{exc} (candidates: the {type_names} modules)") from None
 
     # ----------------------------------------------------------------- hooks
     @property

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._atomic import save_figure
-from .heatmap import split_name
+from .names import split_name
 
 if TYPE_CHECKING:
     from .heatmap import HeatMap
