@@ -1,0 +1,754 @@
+"""Learning a skill when no skill fits: Tier 2 (``CloudDistiller``) and the node's learner
+(``SkillDistiller``) that tries Tier 1 sources, then Tier 2, then Tier 3.
+
+``CloudDistiller.distill_topic`` (DESIGN.md, "The loop", Tier 2):
+
+1. **ground**: the topic's queries search a :class:`~aios_fast.evolve.retrieval.DocumentIndex`
+   (local folder, URLs) with the node's encoder; the best passages are the material;
+2. **pairs**: teacher questions judged against their passage, inverse-cloze and cropping pairs
+   (:mod:`aios_fast.evolve.pairs`), near-duplicates removed; every pair keeps its passage ids;
+3. **log** every kept pair to the :class:`~aios_fast.learn.QALogger` (source = origin, teacher,
+   passage ids) and flush, so a crash after this point loses no record;
+4. **split** train / held-out (held-out: teacher questions and ICT sentences, never crops);
+5. **train** a LoRA with :class:`~aios_fast.learn.LoRATrainer` (``contrastive`` for encoders,
+   ``sft`` for causal LMs);
+6. **gate** with :func:`aios_fast.learn.validate` on the held-out pairs (all retrieved passages
+   as distractors) and general guard texts;
+7. **save** into the :class:`~aios_fast.route.library.SkillLibrary` with router examples, the
+   validation report and the sources (path or URL + SHA-256) in the metadata; **publish** hooks.
+
+Each step's outcome and timing goes into the result's report; no card is made when the data is
+thin, the teacher is broken, training diverges or the gate fails, and the report says why.
+
+``SkillDistiller`` journals each job (one JSON file per topic, written atomically) and stages the
+gated card file before adding it to the library, so a process killed at any point neither loses
+a finished card (the staged file is added on the next ``learn``) nor trains or adds it twice
+(the library recognises identical bytes; QA records are de-duplicated by the logger).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+from .._atomic import atomic_write_bytes
+from ..errors import AiosError, InputError, TrainingDivergedError
+from .jobs import LearningRequest, LearnOutcome, SourceCandidate
+from .pairs import Pair, PairSet, build_pairs
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..cards import LoRACard
+    from ..route.library import SkillEntry, SkillLibrary
+
+__all__ = ["CloudDistiller", "DistillResult", "DistillConfig", "SkillDistiller", "LibrarySource",
+           "DistillJournal", "enable_evolution", "guard_texts", "skill_name_for"]
+
+log = logging.getLogger(__name__)
+
+
+def guard_texts() -> list[str]:
+    """General sentences a domain skill should leave alone (the gate's drift check)."""
+    path = Path(__file__).resolve().parents[1] / "learn" / "data" / "guard.txt"
+    return [l.strip() for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+
+
+def skill_name_for(queries: Sequence[str], topic_id: str | None = None) -> str:
+    """A readable, valid skill name from a topic: its most frequent content words plus a short
+    hash (``kestrel-battery-3f2a1c``)."""
+    from .pairs import _STOP, _words
+
+    counts: dict[str, int] = {}
+    for q in queries:
+        for w in set(_words(q)):
+            if w not in _STOP and len(w) > 2 and w.isalpha():
+                counts[w] = counts.get(w, 0) + 1
+    top = sorted(counts, key=lambda w: (-counts[w], w))[:2]
+    h = hashlib.sha256((topic_id or "\n".join(queries)).encode()).hexdigest()[:6]
+    return "-".join(top + [h]) if top else f"skill-{h}"
+
+
+@dataclass
+class DistillConfig:
+    """Defaults tuned on the bundled Kestrel demo domain (see ``evolve/demo``) and checked on a
+    second domain by the tests.
+
+    Args:
+        max_passages: passages taken from retrieval for one topic.
+        min_passage_score: passages scoring below this cosine with every topic query are left out.
+        teacher_questions: teacher questions asked per topic (spread over the passages, at most
+            ``max_questions_per_passage`` each); ``num_pairs`` of ``distill_topic`` overrides it.
+        ict_per_passage, crops_per_passage: document pairs per passage.
+        min_pairs: fewer kept pairs than this is "thin data": no card.
+        min_teacher_pairs: with a teacher, fewer kept teacher questions than this means the
+            teacher is broken or useless: no card (a configured teacher that fails is reported,
+            never silently ignored).
+        heldout_fraction, min_heldout: the gate's held-out share of teacher and ICT pairs.
+        rank, alpha, lr, batch_size, target_modules: the LoRA training.
+        epochs: ``None`` = enough epochs for ``min_steps`` optimiser steps (at least 3, at most
+            ``max_epochs``): a small topic must still train long enough to change the model.
+        margin, max_drift: the gate (``None``: :func:`aios_fast.learn.validate`'s defaults).
+        max_examples: router examples stored with the skill.
+        seed: pairs, split and training.
+    """
+
+    max_passages: int = 64
+    min_passage_score: float = 0.1
+    teacher_questions: int = 40
+    max_questions_per_passage: int = 3
+    ict_per_passage: int = 3
+    crops_per_passage: int = 0
+    min_pairs: int = 24
+    min_teacher_pairs: int = 3
+    heldout_fraction: float = 0.25
+    min_heldout: int = 8
+    rank: int = 8
+    alpha: float = 16.0
+    epochs: int | None = None
+    min_steps: int = 40
+    max_epochs: int = 12
+    lr: float = 1e-3
+    batch_size: int = 16
+    target_modules: Any = None
+    margin: float | None = None
+    max_drift: float | None = None
+    max_examples: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_passages", "min_pairs", "min_heldout", "rank", "batch_size", "max_examples",
+                     "min_steps", "max_epochs") + (("epochs",) if self.epochs is not None else ()):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"DistillConfig.{name}: expected an int >= 1, got {v!r}")
+        for name in ("teacher_questions", "max_questions_per_passage", "ict_per_passage", "crops_per_passage", "min_teacher_pairs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise InputError(f"DistillConfig.{name}: expected an int >= 0, got {v!r}")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise InputError(f"DistillConfig.heldout_fraction: expected a number in (0, 1), got {self.heldout_fraction!r}")
+
+
+@dataclass
+class DistillResult:
+    """What a distillation produced: the card and its library entry (``None`` when no skill was
+    kept) and the full report (JSON-able; ``report["reason"]`` says why when there is no card)."""
+
+    card: "LoRACard | None"
+    entry: "SkillEntry | None"
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.card is not None
+
+    @property
+    def reason(self) -> str | None:
+        return self.report.get("reason")
+
+
+class _NoCard(Exception):
+    """Internal: stop the pipeline with a reason (becomes ``report["reason"]``)."""
+
+
+class CloudDistiller:
+    """Tier 2: distil a skill for a topic from a teacher and documents.
+
+    Args:
+        engine: the model the skill is for: a ``SentenceEncoder`` (contrastive training), a
+            ``CausalLM`` (sft), or a ``SkillNode`` (its encoder and library are used).
+        library: where kept skills go (default: the node's library, else none: the card is
+            returned but not stored).
+        logger: a :class:`~aios_fast.learn.QALogger` (or a directory for one) that records
+            every kept pair; ``None``: not logged.
+        config: a :class:`DistillConfig` (or a dict of its fields).
+        index: a ready :class:`~aios_fast.evolve.retrieval.DocumentIndex` to ground on.
+        guard: the gate's general texts (default :func:`guard_texts`).
+        progress: show rich progress bars for the teacher and the training.
+        on_event: ``on_event(stage, info_dict)`` after each stage (the CLI draws from it).
+    """
+
+    def __init__(self, engine: Any, library: "SkillLibrary | None" = None, logger: Any = None, *,
+                 config: DistillConfig | dict | None = None, index: Any = None,
+                 guard: Sequence[str] | None = None, progress: bool = False,
+                 on_event: Callable[[str, dict], None] | None = None) -> None:
+        node = engine if hasattr(engine, "encoder") and hasattr(engine, "library") else None
+        self.node = node
+        self.engine = node.encoder if node is not None else engine
+        if not (hasattr(self.engine, "model") and hasattr(self.engine, "tokenizer")):
+            raise InputError(f"engine must be a SentenceEncoder, CausalLM or SkillNode, got {type(engine).__name__}")
+        self.kind = "encoder" if hasattr(self.engine, "encode") and hasattr(self.engine, "pooling") else "causal"
+        self.library = library if library is not None else (node.library if node is not None else None)
+        if isinstance(logger, (str, Path)):
+            from ..learn.qa_logger import QALogger
+
+            logger = QALogger(logger)
+        self.logger = logger
+        self.config = config if isinstance(config, DistillConfig) else DistillConfig(**(config or {}))
+        self.index = index
+        self.guard = list(guard) if guard is not None else guard_texts()
+        self.progress = progress
+        self.on_event = on_event
+        self.publish_hooks: list[Callable[[Any], None]] = []
+        self._retrieval_encoder = None
+        self._grounded: set[str] = set()
+        self.last_training = None   # TrainingReport of the last run (loss curve for the CLI)
+
+    # ------------------------------------------------------------------ public
+    def distill_topic(self, topic: str | Sequence[str], provider: Any = None, num_pairs: int | None = None,
+                      docs: str | Path | Sequence[str | Path] | None = None,
+                      urls: str | Sequence[str] | None = None, skill_name: str | None = None, *,
+                      examples: Sequence[str] | None = None, stage: Callable[["LoRACard", dict], Path] | None = None
+                      ) -> DistillResult:
+        """Distil a skill for ``topic`` (a query or the topic's queries).
+
+        Args:
+            topic: one query or several (the trigger's topic).
+            provider: a teacher (``OpenAICompatibleProvider``, ``LocalTeacher``) or ``None`` for
+                document-only pairs.
+            num_pairs: teacher questions to ask at most (default ``config.teacher_questions``).
+            docs, urls: grounding added to the index (folders/files; web pages).
+            skill_name: the card's name (default :func:`skill_name_for`).
+            examples: router examples (default: the topic queries plus kept teacher questions).
+            stage: called with the gated card and the library-add arguments before the card is
+                added; returns the path of the staged card file, which is what gets added (used
+                by :class:`SkillDistiller`'s journal).
+        Returns: a :class:`DistillResult`.
+        """
+        queries = [topic] if isinstance(topic, str) else [q for q in topic]
+        if not queries or not all(isinstance(q, str) and q.strip() for q in queries):
+            raise InputError(f"topic must be a non-empty query or list of queries, got {topic!r:.100}")
+        from ..route.library import valid_skill_name
+
+        name = valid_skill_name(skill_name or skill_name_for(queries))
+        cfg = self.config
+        report: dict[str, Any] = {"skill": name, "topic": queries[:20], "n_queries": len(queries),
+                                  "teacher": _teacher_name(provider), "objective":
+                                  "contrastive" if self.kind == "encoder" else "sft",
+                                  "timings": {}, "stages": []}
+        t_all = time.perf_counter()
+        card = entry = None
+        try:
+            passages, sources = self._ground(queries, docs, urls, report)
+            pairs = self._pairs(passages, provider, num_pairs, report)
+            self._log_pairs(pairs, name, report)
+            train, heldout, distractors = self._split(pairs, passages, report)
+            card = self._train(train, name, report)
+            self._gate(card, heldout, distractors, report)
+            card = self._describe(card, queries, passages, sources, pairs, provider, report)
+            entry = self._save(card, queries, pairs, examples, report, stage)
+        except _NoCard as why:
+            report["reason"] = str(why)
+            card = entry = None
+        report["passed"] = card is not None
+        report["timings"]["total"] = round(time.perf_counter() - t_all, 3)
+        self._emit("done", {"passed": card is not None, "reason": report.get("reason")})
+        return DistillResult(card, entry, report)
+
+    def distill_from_cloud(self, query_or_queries: str | Sequence[str], provider: Any = None,
+                           **kwargs: Any) -> DistillResult:
+        """The seed's name: :meth:`distill_topic` for one query or a list of queries."""
+        return self.distill_topic(query_or_queries, provider, **kwargs)
+
+    # ------------------------------------------------------------------ stages
+    def _emit(self, stage: str, info: dict) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(stage, info)
+            except Exception as exc:  # a display callback must not break learning
+                log.warning("on_event(%s) failed: %s", stage, exc)
+
+    def _stage(self, report: dict, name: str, t0: float, **info: Any) -> None:
+        secs = round(time.perf_counter() - t0, 3)
+        report["timings"][name] = secs
+        report["stages"].append({"stage": name, "seconds": secs, **info})
+        self._emit(name, {"seconds": secs, **info})
+
+    def _encoder(self):
+        """The encoder used for retrieval and judging: the engine itself for encoders; the
+        bundled MiniLM for causal models."""
+        if self.kind == "encoder":
+            return self.engine
+        if self._retrieval_encoder is None:
+            from ..engines import SentenceEncoder
+
+            self._retrieval_encoder = SentenceEncoder()
+        return self._retrieval_encoder
+
+    def _ground(self, queries, docs, urls, report):
+        t0 = time.perf_counter()
+        from .retrieval import DocumentIndex
+
+        if self.index is None:
+            self.index = DocumentIndex(self._encoder())
+        added = 0
+        for d in ([] if docs is None else [docs] if isinstance(docs, (str, Path)) else list(docs)):
+            key = f"docs:{Path(d).resolve()}"
+            if key in self._grounded:
+                continue
+            p = Path(d)
+            if not p.exists():
+                raise InputError(f"docs: {p} does not exist; pass a folder of .txt/.md files")
+            added += self.index.add_folder(p) if p.is_dir() else \
+                self.index.add_text(p.read_text(encoding="utf-8"), str(p),
+                                    kind="markdown" if p.suffix.lower() in (".md", ".markdown") else "text")
+            self._grounded.add(key)
+        url_list = [] if urls is None else [urls] if isinstance(urls, str) else list(urls)
+        new_urls = [u for u in url_list if f"url:{u}" not in self._grounded]
+        if new_urls:
+            added += self.index.add_urls(new_urls)
+            self._grounded.update(f"url:{u}" for u in new_urls)
+        if len(self.index) == 0:
+            raise _NoCard("no grounding: no passages from docs/urls (pass docs= a folder of .txt/.md "
+                          "files or urls=); a teacher is asked about passages, never for bare facts")
+        hits = self.index.search(queries, k=min(self.config.max_passages, len(self.index)))
+        passages = [p for p, s in hits if s >= self.config.min_passage_score]
+        used = {p.source_hash for p in passages}
+        sources = [{"source": s["source"], "hash": s["hash"], "kind": s.get("kind", "")}
+                   for s in self.index.sources if s["hash"] in used]
+        report["grounding"] = {"passages_in_index": len(self.index), "passages_used": len(passages),
+                               "sources": sources, "problems": list(getattr(self.index, "problems", []))[:10]}
+        self._stage(report, "ground", t0, passages=len(passages), sources=len(sources))
+        if len(passages) < 2:
+            raise _NoCard(f"thin data: only {len(passages)} passage(s) match the topic "
+                          f"(min score {self.config.min_passage_score})")
+        return passages, sources
+
+    def _pairs(self, passages, provider, num_pairs, report) -> PairSet:
+        t0 = time.perf_counter()
+        cfg = self.config
+        use = passages
+        if num_pairs is None:
+            num_pairs = cfg.teacher_questions
+        if isinstance(num_pairs, bool) or not isinstance(num_pairs, int) or num_pairs < 0:
+            raise InputError(f"num_pairs: expected an int >= 0, got {num_pairs!r}")
+        per = min(cfg.max_questions_per_passage, max(1, -(-num_pairs // len(passages)))) if num_pairs else 0
+        bar, task = None, None
+        if provider is not None and per and self.progress:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            bar = Progress(TextColumn("  teacher questions"), BarColumn(), MofNCompleteColumn(),
+                           TimeElapsedColumn(), transient=True)
+            bar.start()
+            total = min(num_pairs, len(use) * per)
+            task = bar.add_task("ask", total=total)
+        try:
+            ps = build_pairs(use, self._encoder(), provider, questions_per_passage=per if provider else 0,
+                             max_teacher_requests=num_pairs,
+                             ict_per_passage=cfg.ict_per_passage, crops_per_passage=cfg.crops_per_passage,
+                             pool=self.index.passages, seed=cfg.seed,
+                             on_step=(lambda n: bar.advance(task, n)) if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.stop()
+        report["pairs"] = ps.report_dict()
+        kept_teacher = ps.by_origin().get("teacher", 0)
+        self._stage(report, "pairs", t0, total=len(ps.pairs), kept=ps.by_origin(),
+                    asked=ps.asked, rejected=dict(ps.rejected))
+        if provider is not None and kept_teacher < cfg.min_teacher_pairs:
+            why = (f"errors: {ps.teacher_errors[0]}" if ps.teacher_errors else
+                   "rejected: " + ", ".join(f"{k} {v}" for k, v in ps.rejected.most_common(4)) or "no replies")
+            raise _NoCard(f"teacher {_teacher_name(provider)} gave {kept_teacher} usable question(s) of "
+                          f"{ps.asked} asked (need {cfg.min_teacher_pairs}); {why}")
+        if len(ps.pairs) < cfg.min_pairs:
+            raise _NoCard(f"thin data: {len(ps.pairs)} usable pairs, need at least {cfg.min_pairs}")
+        return ps
+
+    def _log_pairs(self, ps: PairSet, name: str, report) -> None:
+        if self.logger is None:
+            report["qa_logged"] = 0
+            return
+        t0 = time.perf_counter()
+        teacher = report.get("teacher") or "none"
+        new = 0
+        for p in ps.pairs:
+            src = f"distill:{p.origin}:{teacher}|" + ",".join(p.passage_ids)
+            new += bool(self.logger.log(p.query, p.answer, source=src[:256], domain=name))
+        self.logger.flush()   # durable before training starts: a crash loses no record
+        report["qa_logged"] = new
+        self._stage(report, "log", t0, logged=new, duplicates=len(ps.pairs) - new)
+
+    def _split(self, ps: PairSet, passages, report):
+        cfg = self.config
+        rng = random.Random(cfg.seed)
+        eligible = [i for i, p in enumerate(ps.pairs) if p.origin in ("teacher", "ict")]
+        rng.shuffle(eligible)
+        n = max(cfg.min_heldout, int(round(cfg.heldout_fraction * len(eligible))))
+        if len(eligible) < n + 2:
+            raise _NoCard(f"thin data: {len(eligible)} question-like pairs, need {n + 2} to hold out {n} for the gate")
+        held = set(eligible[:n])
+        heldout = [ps.pairs[i] for i in sorted(held)]
+        train = [p for i, p in enumerate(ps.pairs) if i not in held]
+        # every retrieved passage competes as an answer, in the same form as the held-out answers
+        # (its shared ICT answer where it has one), except the held-out pairs' own passages
+        taken = {pid for p in heldout for pid in p.passage_ids}
+        shared = {p.passage_ids[0]: p.answer for p in ps.pairs if p.origin == "ict"}
+        distractors = [shared.get(p.id, p.text) for p in passages if p.id not in taken]
+        report["split"] = {"train": len(train), "heldout": len(heldout), "distractors": len(distractors),
+                           "heldout_by_origin": _count(p.origin for p in heldout)}
+        return train, heldout, distractors
+
+    def _train(self, train: list[Pair], name: str, report):
+        from ..learn.trainer import LoRATrainer
+
+        t0 = time.perf_counter()
+        cfg = self.config
+        epochs = cfg.epochs
+        if epochs is None:
+            per_epoch = max(1, len(train) // min(cfg.batch_size, len(train)))
+            epochs = min(cfg.max_epochs, max(3, -(-cfg.min_steps // per_epoch)))
+        self._emit("train_start", {"pairs": len(train), "epochs": epochs})
+        try:
+            card, tr = LoRATrainer(self.engine).train(
+                [(p.query, p.answer) for p in train], rank=cfg.rank, alpha=cfg.alpha, epochs=epochs,
+                lr=cfg.lr, batch_size=cfg.batch_size, target_modules=cfg.target_modules, seed=cfg.seed,
+                name=name, progress=self.progress)
+        except TrainingDivergedError as exc:
+            report["training"] = getattr(exc, "report", None) and exc.report.to_dict()
+            raise _NoCard(str(exc)) from None
+        self.last_training = tr
+        report["training"] = {k: v for k, v in tr.to_dict().items() if k != "config"}
+        self._stage(report, "train", t0, steps=tr.steps, final_loss=round(tr.final_loss, 4))
+        return card
+
+    def _gate(self, card, heldout: list[Pair], distractors, report) -> None:
+        from ..learn.gate import validate
+
+        t0 = time.perf_counter()
+        cfg = self.config
+        v = validate(card, self.engine, [(p.query, p.answer) for p in heldout], self.guard,
+                     margin=cfg.margin, max_drift=cfg.max_drift,
+                     distractors=distractors if self.kind == "encoder" else ())
+        report["gate"] = v.to_dict()
+        self._stage(report, "gate", t0, passed=v.passed, metric=v.metric, before=round(v.before, 4),
+                    after=round(v.after, 4), drift=round(v.drift, 4))
+        if not v.passed:
+            raise _NoCard("the gate refused the skill: " + "; ".join(v.reasons))
+
+    def _describe(self, card, queries, passages, sources, ps: PairSet, provider, report):
+        card.metadata.update({
+            "description": f"Skill distilled from {len(sources)} document(s) for: " + "; ".join(queries[:3])[:300],
+            "source": "aios_fast.evolve.CloudDistiller",
+            "sources": json.dumps(sources, sort_keys=True),
+            "teacher": _teacher_name(provider) or "none",
+            "pairs": json.dumps(ps.by_origin(), sort_keys=True),
+            "passage_ids": json.dumps(sorted({p.id for p in passages})),
+        })
+        return card
+
+    def _save(self, card, queries, ps: PairSet, examples, report, stage):
+        t0 = time.perf_counter()
+        exs = list(examples) if examples is not None else _router_examples(queries, ps, self.config)
+        meta = {"sources": card.metadata["sources"], "teacher": card.metadata["teacher"],
+                "pairs": card.metadata["pairs"]}
+        add_kw = {"examples": exs, "description": card.metadata["description"], "metadata": meta}
+        report["examples"] = len(exs)
+        if self.library is None:
+            self._stage(report, "save", t0, stored=False)
+            return None
+        target = stage(card, add_kw) if stage is not None else card
+        entry = self.library.add(target, exs, add_kw["description"], origin="trained",
+                                 validation=report["gate"], metadata=meta)
+        report["entry"] = {"key": entry.key, "content_hash": entry.content_hash, "path": str(entry.path)}
+        self._stage(report, "save", t0, stored=True, key=entry.key)
+        for hook in list(self.publish_hooks):
+            try:
+                hook(entry)
+            except Exception as exc:  # a publisher's failure must not undo learning
+                report.setdefault("publish_errors", []).append(f"{getattr(hook, '__name__', hook)}: {exc}")
+        return entry
+
+
+def _router_examples(queries, ps: PairSet, cfg: DistillConfig) -> list[str]:
+    """What the router matches future queries against: the topic's queries first, then the kept
+    teacher questions, then ICT sentences (statements, but of the skill's own material)."""
+    out, seen = [], set()
+    for text in list(queries) + [p.query for p in ps.pairs if p.origin == "teacher"] + \
+            [p.query for p in ps.pairs if p.origin == "ict"]:
+        k = " ".join(text.lower().split())
+        if k and k not in seen and len(text) <= 1000:
+            seen.add(k)
+            out.append(text)
+        if len(out) >= cfg.max_examples:
+            break
+    return out
+
+
+def _count(items: Iterable[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for x in items:
+        out[x] = out.get(x, 0) + 1
+    return out
+
+
+def _teacher_name(provider: Any) -> str | None:
+    if provider is None:
+        return None
+    try:
+        return str(provider.name())
+    except Exception:  # a provider's name() is informational only
+        return type(provider).__name__
+
+
+# ============================================================================ journal
+class DistillJournal:
+    """One JSON file per topic (``<dir>/<topic>.json``, written atomically) recording a job's
+    state: ``started`` -> ``staged`` (gated card file written, library-add arguments saved) ->
+    ``done`` (in the library) or ``failed``. Staged card files live beside it."""
+
+    _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, topic_id: str) -> Path:
+        return self.directory / f"{self._SAFE.sub('_', topic_id)[:100]}.json"
+
+    def card_path(self, topic_id: str) -> Path:
+        return self.directory / f"{self._SAFE.sub('_', topic_id)[:100]}.lora.arrow"
+
+    def get(self, topic_id: str) -> dict[str, Any] | None:
+        p = self.path(topic_id)
+        if not p.is_file():
+            return None
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            log.warning("journal %s unreadable (%s); the job starts over", p, exc)
+            return None
+        return d if isinstance(d, dict) else None
+
+    def set(self, topic_id: str, **state: Any) -> dict[str, Any]:
+        d = self.get(topic_id) or {"topic_id": topic_id}
+        d.update(state, updated=time.time())
+        atomic_write_bytes(self.path(topic_id), json.dumps(d, sort_keys=True, default=str).encode())
+        return d
+
+
+# ============================================================================ Tier 1
+class LibrarySource:
+    """Tier 1 from this node's own library: a skill whose examples already route the request's
+    queries confidently (e.g. learnt earlier under another topic id, or added by hand).
+
+    Args:
+        library: the :class:`SkillLibrary`; ``encoder``: to route (default: the library's).
+        min_confidence: a candidate's mean routing confidence over the queries must reach this.
+    """
+
+    name = "library"
+
+    def __init__(self, library: "SkillLibrary", encoder: Any = None, min_confidence: float = 0.6) -> None:
+        self.library = library
+        self.encoder = encoder if encoder is not None else getattr(library, "encoder", None)
+        self.min_confidence = float(min_confidence)
+
+    def candidates(self, request: LearningRequest) -> list[SourceCandidate]:
+        if self.encoder is None or not self.library.list():
+            return []
+        from ..route.router import LoRARouter
+
+        router = LoRARouter(self.encoder, self.library)
+        votes: dict[str, list[float]] = {}
+        for r in router.route_many(list(request.queries)):
+            if r.skill is not None:
+                votes.setdefault(r.skill, []).append(float(r.confidence))
+        n = len(request.queries)
+        out = []
+        for name, confs in votes.items():
+            score = sum(confs) / n   # queries routed elsewhere count as 0
+            if score >= self.min_confidence:
+                out.append(SourceCandidate("library", name, name, score, {"routed": len(confs), "queries": n}))
+        return sorted(out, key=lambda c: -c.confidence)
+
+    def acquire(self, candidate: SourceCandidate, library: "SkillLibrary") -> "SkillEntry | None":
+        try:
+            return self.library.get(candidate.handle)
+        except InputError:
+            return None
+
+
+# ============================================================================ the learner
+class SkillDistiller:
+    """The node's learner (:class:`aios_fast.evolve.jobs.Learner`): Tier 1 sources, then Tier 2
+    distillation, then Tier 3 extraction on a Super node.
+
+    Args:
+        node: the :class:`SkillNode` (its encoder, library).
+        tier: the node's hardware tier (``"leaf"``, ``"hub"``, ``"super"``; default detected by
+            :func:`aios_fast.hardware.detect`). Tier 3 runs only on ``"super"``.
+        sources: Tier 1 :class:`SkillSource` objects (default ``[LibrarySource(node.library)]``).
+        teacher: Tier 2 teacher (default: ``LocalTeacher()``; ``False`` for document-only pairs).
+        docs, urls: Tier 2 grounding.
+        stronger_model: Tier 3: a fine-tuned/stronger checkpoint of the node's base (path or
+            model) to probe and extract from.
+        logger: QALogger or directory (default ``<library>/qa``).
+        journal_dir: job journal (default ``<library>/jobs``).
+        config: :class:`DistillConfig` for Tier 2. ``progress``/``on_event``: see CloudDistiller.
+    """
+
+    def __init__(self, node: Any, tier: str | None = None, sources: Sequence[Any] | None = None,
+                 teacher: Any = None, docs: Any = None, stronger_model: Any = None, *, urls: Any = None,
+                 logger: Any = None, journal_dir: str | Path | None = None,
+                 config: DistillConfig | dict | None = None, progress: bool = False,
+                 on_event: Callable[[str, dict], None] | None = None) -> None:
+        self.node = node
+        if tier is None:
+            from ..hardware import detect
+
+            tier = detect().tier.value
+        tier = str(getattr(tier, "value", tier)).lower()
+        if tier not in ("leaf", "hub", "super"):
+            raise InputError(f"tier must be 'leaf', 'hub' or 'super', got {tier!r}")
+        self.tier = tier
+        self.sources = list(sources) if sources is not None else [LibrarySource(node.library, node.encoder)]
+        if teacher is None:
+            from .teachers import LocalTeacher
+
+            teacher = LocalTeacher()
+        self.teacher = teacher or None
+        self.docs, self.urls = docs, urls
+        self.stronger_model = stronger_model
+        lib_dir = Path(node.library.directory)
+        if logger is None:
+            logger = lib_dir / "qa"
+        self.cloud = CloudDistiller(node.encoder, node.library, logger, config=config, progress=progress,
+                                    on_event=on_event)
+        self.journal = DistillJournal(journal_dir if journal_dir is not None else lib_dir / "jobs")
+
+    def learn(self, request: LearningRequest) -> LearnOutcome:
+        """Serve one request; never raises for a skill that could not be made (the outcome's
+        report says why), only for programming errors."""
+        lib = self.node.library
+        done = self.journal.get(request.topic_id)
+        if done and done.get("state") == "done":
+            e = lib.find_by_hash(done.get("content_hash", ""))
+            if e is not None:
+                return LearnOutcome(e, done.get("tier"), {"tier": done.get("tier"), "resumed": "already done"})
+        if done and done.get("state") == "staged":
+            e = self._add_staged(request.topic_id, done)
+            if e is not None:
+                return LearnOutcome(e, 2, {"tier": 2, "resumed": "staged card added after a restart",
+                                           "skill": e.key})
+        self.journal.set(request.topic_id, state="started", request=request.to_dict())
+        report: dict[str, Any] = {"tiers": {}}
+        for tier, fn in ((1, self._tier1), (2, self._tier2), (3, self._tier3)):
+            try:
+                entry, sub = fn(request)
+            except AiosError as exc:
+                entry, sub = None, {"reason": f"{type(exc).__name__}: {exc}"}
+            report["tiers"][str(tier)] = sub
+            if entry is not None:
+                report.update(tier=tier, skill=entry.key)
+                self.journal.set(request.topic_id, state="done", tier=tier, key=entry.key,
+                                 content_hash=entry.content_hash)
+                return LearnOutcome(entry, tier, report)
+        report["reason"] = "no tier produced a skill: " + "; ".join(
+            f"tier {t}: {r.get('reason', '?')}" for t, r in report["tiers"].items())
+        self.journal.set(request.topic_id, state="failed", reason=report["reason"])
+        return LearnOutcome(None, None, report)
+
+    # ------------------------------------------------------------------ tiers
+    def _tier1(self, request):
+        tried = []
+        for src in self.sources:
+            for cand in src.candidates(request):
+                tried.append({"source": cand.source, "name": cand.name, "confidence": round(cand.confidence, 3)})
+                entry = src.acquire(cand, self.node.library)
+                if entry is not None:
+                    return entry, {"candidates": tried, "acquired": entry.key}
+        return None, {"candidates": tried, "reason": "no source offered a skill that routes the queries"
+                      if not tried else "no candidate could be acquired"}
+
+    def _tier2(self, request):
+        if self.docs is None and self.urls is None and self.cloud.index is None:
+            return None, {"reason": "no documents or URLs configured for grounding"}
+        res = self.cloud.distill_topic(list(request.queries), self.teacher, docs=self.docs, urls=self.urls,
+                                       skill_name=skill_name_for(request.queries, request.topic_id),
+                                       stage=lambda card, kw: self._stage(request.topic_id, card, kw))
+        return res.entry, res.report
+
+    def _stage(self, topic_id: str, card, add_kw: dict) -> Path:
+        from ..cards import LoRAFormat
+
+        path = LoRAFormat.save(card, self.journal.card_path(topic_id))
+        self.journal.set(topic_id, state="staged", card=str(path), add=add_kw,
+                         validation=card.metadata.get("validation"))
+        return path
+
+    def _add_staged(self, topic_id: str, state: dict):
+        path = Path(state.get("card", ""))
+        if not path.is_file():
+            return None
+        kw = state.get("add") or {}
+        e = self.node.library.add(path, kw.get("examples", ()), kw.get("description"), origin="trained",
+                                  validation=state.get("validation"), metadata=kw.get("metadata"))
+        self.journal.set(topic_id, state="done", tier=2, key=e.key, content_hash=e.content_hash)
+        return e
+
+    def _tier3(self, request):
+        if self.tier != "super":
+            return None, {"reason": f"tier 3 runs on a Super node; this node is {self.tier}"}
+        if self.stronger_model is None:
+            return None, {"reason": "no stronger_model configured for extraction"}
+        from ..extract.extractor import LoRAExtractor
+        from ..learn.gate import validate
+        from ..probe.probe import WeightMapProbe
+
+        t0 = time.perf_counter()
+        enc = self.node.encoder
+        probe = WeightMapProbe(enc, modules=r"attention\.self\.(query|value)$")
+        heat = probe.probe(list(request.queries), baseline_inputs=guard_texts())
+        name = skill_name_for(request.queries, request.topic_id)
+        card = LoRAExtractor(rank=8).extract_from_heat_map(self.stronger_model, enc.model, heat, rank_budget=64,
+                                                           name=name)
+        # gate on pairs the documents give (no teacher): the extracted delta must help retrieval
+        if self.cloud.index is None and self.docs is None:
+            return None, {"reason": "extracted a card but have no documents to gate it on"}
+        passages, _ = self.cloud._ground(list(request.queries), self.docs, self.urls, {"timings": {}, "stages": []})
+        from .pairs import inverse_cloze_pairs
+
+        held = [(p.query, p.answer) for p in inverse_cloze_pairs(passages, 1, seed=7)]
+        v = validate(card, enc, held, self.cloud.guard)
+        sub = {"gate": v.to_dict(), "seconds": round(time.perf_counter() - t0, 3)}
+        if not v.passed:
+            sub["reason"] = "the gate refused the extracted skill: " + "; ".join(v.reasons)
+            return None, sub
+        entry = self.node.library.add(card, list(request.queries), origin="extracted", validation=v.to_dict())
+        return entry, sub
+
+
+def enable_evolution(node: Any, cloud_providers: Any = None, confidence_threshold: float | None = None,
+                     rank: int = 8, **kw: Any) -> SkillDistiller:
+    """Wire a :class:`SkillDistiller` in as ``node``'s learner (ArrowEngine's
+    ``SkillNode.enable_evolution``) and return it.
+
+    Args:
+        cloud_providers: a teacher or a list of teachers (the first is used); default
+            ``LocalTeacher()``.
+        confidence_threshold: routing confidence below which the node is unsure (sets the
+            router's and the trigger's threshold).
+        rank: LoRA rank of distilled skills.
+        kw: further :class:`SkillDistiller` arguments (``docs``, ``urls``, ``tier``,
+            ``sources``, ``stronger_model``, ``config``...).
+    """
+    teacher = cloud_providers
+    if isinstance(cloud_providers, (list, tuple)):
+        teacher = cloud_providers[0] if cloud_providers else None
+    cfg = kw.pop("config", None)
+    cfg = cfg if isinstance(cfg, DistillConfig) else DistillConfig(**{**(cfg or {}), "rank": rank})
+    if confidence_threshold is not None:
+        t = float(confidence_threshold)
+        if not 0.0 < t < 1.0:
+            raise InputError(f"confidence_threshold must be in (0, 1), got {confidence_threshold!r}")
+        node.router.threshold = t
+        node.trigger.threshold = t
+    distiller = SkillDistiller(node, teacher=teacher, config=cfg, **kw)
+    node.set_learner(distiller)
+    return distiller
