@@ -4,7 +4,8 @@ Objectives:
 - ``"contrastive"`` (encoders): in-batch negatives over (question, answer) pairs, cosine
   similarity × ``scale`` (20) then cross-entropy against the diagonal - the
   MultipleNegativesRankingLoss of sentence-transformers (Henderson et al. 2017, "Efficient
-  Natural Language Response Suggestion"), with the engine's own (mean) pooling.
+  Natural Language Response Suggestion"), with the engine's own (mean) pooling; batches never hold
+  one answer twice and same-answer logits are masked (the default recipe, ``learn/recipe.py``).
 - ``"sft"`` (causal LMs): next-token cross-entropy on the answer tokens only; the chat-templated
   prompt and the padding are masked with -100.
 
@@ -23,12 +24,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .._atomic import save_figure
 from ..errors import InputError, TrainingDivergedError
 from ._engine import as_engine, as_pairs
 from ._inject import init_factors, injected, resolve_targets
+from .recipe import ContrastiveData, lr_factor, plan_batches
 
 __all__ = ["LoRATrainer", "TrainConfig", "TrainingReport"]
 
@@ -37,18 +38,25 @@ __all__ = ["LoRATrainer", "TrainConfig", "TrainingReport"]
 class TrainConfig:
     """Hyper-parameters of one training run (validated on construction)."""
 
+    # None fields take the objective's default recipe (learn/recipe.py OBJECTIVE_DEFAULTS)
     objective: str = "contrastive"
-    rank: int = 8
-    alpha: float = 16.0
+    rank: int | None = None
+    alpha: float | None = None
     target_modules: Sequence[str] | str | None = None
-    epochs: int = 3
-    lr: float = 1e-3
+    epochs: int | None = None
+    lr: float | None = None
     batch_size: int = 16
     init: str = "default"
     seed: int = 0
     scale: float = 20.0           # contrastive: cosine -> logits multiplier
     weight_decay: float = 0.0
-    max_grad_norm: float | None = None
+    max_grad_norm: float | None = None  # 0 = no clipping
+    schedule: str | None = None   # "constant" | "linear" | "cosine" decay after the warm-up
+    warmup_ratio: float | None = None
+    batching: str | None = None   # "unique": no answer group twice in a batch; "random"
+    near_duplicate: float = 0.95  # base-encoder cosine at which two answers count as one
+    hard_negatives: int | None = None  # per question, mined with the base encoder
+    symmetric: bool | None = None  # contrastive: also answer -> question
     explode_factor: float = 2.0   # loss > factor·(mean earlier loss) + explode_margin: divergence
     explode_margin: float = 1.0
 
@@ -57,6 +65,15 @@ class TrainConfig:
             if not ok:
                 raise InputError(f"{name}: expected {want}, got {getattr(self, name)!r}")
         check("objective", self.objective in ("contrastive", "sft"), "'contrastive' or 'sft'")
+        from .recipe import BATCHING, SCHEDULES, resolve_defaults
+
+        resolve_defaults(self)
+        check("schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}")
+        check("warmup_ratio", isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1, "a number in [0, 1)")
+        check("batching", self.batching in BATCHING, f"one of {BATCHING}")
+        check("near_duplicate", isinstance(self.near_duplicate, (int, float)) and 0 < self.near_duplicate <= 1, "a number in (0, 1]")
+        check("hard_negatives", isinstance(self.hard_negatives, int) and self.hard_negatives >= 0, "an int >= 0")
+        check("symmetric", isinstance(self.symmetric, bool), "True or False")
         check("rank", isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0, "an int > 0")
         check("alpha", isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0, "a finite number > 0")
         check("epochs", isinstance(self.epochs, int) and self.epochs > 0, "an int > 0")
@@ -127,8 +144,8 @@ class LoRATrainer:
     def model(self):
         return self.view.model
 
-    def train(self, pairs: Any, objective: str | None = None, rank: int = 8, alpha: float = 16.0,
-              target_modules: Sequence[str] | str | None = None, epochs: int = 3, lr: float = 1e-3,
+    def train(self, pairs: Any, objective: str | None = None, rank: int | None = None, alpha: float | None = None,
+              target_modules: Sequence[str] | str | None = None, epochs: int | None = None, lr: float | None = None,
               batch_size: int = 16, init: str = "default", seed: int = 0, device: str | None = None,
               name: str = "skill", progress: bool = True,
               on_trained: Callable[[torch.nn.Module], None] | None = None, **options: Any):
@@ -138,8 +155,11 @@ class LoRATrainer:
             pairs: (question, answer) tuples, mappings with query/answer, or a QALogger table.
             objective: "contrastive" (default for encoders) or "sft" (default for causal LMs).
             rank, alpha: LoRA rank and alpha (ΔW = alpha/rank · B @ A).
-            target_modules: keys, key suffixes or a regex; None = attention query/value layers.
+            target_modules: keys, key suffixes or a regex.
             epochs, lr, batch_size, seed: optimisation (AdamW); same seed on CPU -> same card.
+            rank, alpha, target_modules, epochs, lr (and the options schedule, warmup_ratio,
+                max_grad_norm, batching, hard_negatives, symmetric) left None take the
+                objective's measured default recipe, :data:`aios_fast.learn.recipe.OBJECTIVE_DEFAULTS`.
             init: "default" (PEFT: A Kaiming-uniform, B = 0) or "pissa" (principal factors).
             device: move the model there for training (it is moved back afterwards).
             name: the card's name. progress: show a rich progress bar (on a terminal).
@@ -179,8 +199,10 @@ class LoRATrainer:
             if dev != home:
                 model.to(dev)
             try:
+                # answer groups and hard negatives come from the base encoder, before injection
+                prep = ContrastiveData(view, data, cfg) if cfg.objective == "contrastive" else None
                 with injected(model, A0, B0, cfg.scaling, residual, train=True) as layers:
-                    self._loop(cfg, data, layers, gen, report, progress)
+                    self._loop(cfg, data, layers, gen, report, progress, prep)
                     model.eval()
                     A = {k: l.lora_A.detach().to("cpu", torch.float32).clone() for k, l in layers.items()}
                     B = {k: l.lora_B.detach().to("cpu", torch.float32).clone() for k, l in layers.items()}
@@ -194,60 +216,59 @@ class LoRATrainer:
 
     # ------------------------------------------------------------------ internals
     def _loss(self, cfg: TrainConfig, batch: list[tuple[str, str]]) -> torch.Tensor:
+        """SFT loss of a batch (the contrastive loss is :meth:`ContrastiveData.loss`)."""
         view = self.view
-        if cfg.objective == "contrastive":
-            q = F.normalize(view.embed_texts([p[0] for p in batch]), dim=-1)
-            a = F.normalize(view.embed_texts([p[1] for p in batch]), dim=-1)
-            logits = (q @ a.T) * cfg.scale
-            return F.cross_entropy(logits.float(), torch.arange(len(batch), device=logits.device))
         nll, n = view.token_nll(view.sft_batch(batch))
         return nll / n.clamp_min(1)
 
-    def _loop(self, cfg, data, layers, gen, report: TrainingReport, progress: bool) -> None:
+    def _loop(self, cfg, data, layers, gen, report: TrainingReport, progress: bool,
+              prep: ContrastiveData | None = None) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         params = [p for l in layers.values() for p in (l.lora_A, l.lora_B)]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        bs = min(cfg.batch_size, len(data))
-        per_epoch = len(data) // bs  # drop the ragged last batch: in-batch negatives need size
-        total = per_epoch * cfg.epochs
+        # every epoch's batches up front (ragged rest dropped: in-batch negatives need size)
+        plan = prep.plan(gen) if prep is not None else plan_batches(
+            range(len(data)), cfg.batch_size, cfg.epochs, gen, "random")
+        bs = len(plan[0]) if plan else min(cfg.batch_size, len(data))
+        total = len(plan)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda i: lr_factor(i, total, cfg.schedule, cfg.warmup_ratio))
         running = 0.0  # sum of the losses so far: their mean is the reference for "exploding"
         t0 = time.perf_counter()
         with Progress(TextColumn("[bold]train[/] {task.description}"), BarColumn(),
                       TextColumn("{task.completed}/{task.total} steps"), TimeRemainingColumn(),
                       transient=True, disable=not (progress and _interactive())) as bar:
             task = bar.add_task(f"{cfg.objective} r={cfg.rank}", total=total)
-            for _epoch in range(cfg.epochs):
-                order = torch.randperm(len(data), generator=gen).tolist()
-                for s in range(per_epoch):
-                    batch = [data[i] for i in order[s * bs:(s + 1) * bs]]
-                    loss = self._loss(cfg, batch)
-                    value = float(loss.detach())
-                    step = len(report.losses)
-                    report.losses.append(value)
-                    why = None
-                    ref = running / step if step else None
-                    if not math.isfinite(value):
-                        why = f"loss is {value} at step {step + 1}"
-                    elif ref is not None and value > cfg.explode_factor * ref + cfg.explode_margin:
-                        why = (f"loss exploded to {value:.4g} at step {step + 1} "
-                               f"(mean so far {ref:.4g}); lower lr (now {cfg.lr:g})")
-                    running += value
-                    if why is None:
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        limit = cfg.max_grad_norm if cfg.max_grad_norm else float("inf")
-                        gnorm = float(torch.nn.utils.clip_grad_norm_(params, limit))
-                        if not math.isfinite(gnorm):
-                            why = f"gradient norm is {gnorm} at step {len(report.losses)}"
-                    if why is not None:
-                        self._finish(report, t0, len(report.losses) - 1, bs)
-                        report.diverged, report.reason = True, why
-                        err = TrainingDivergedError(f"training diverged: {why}; no card was made")
-                        err.report = report
-                        raise err
-                    opt.step()
-                    bar.advance(task)
+            for idx in plan:
+                loss = prep.loss(idx) if prep is not None else self._loss(cfg, [data[i] for i in idx])
+                value = float(loss.detach())
+                step = len(report.losses)
+                report.losses.append(value)
+                why = None
+                ref = running / step if step else None
+                if not math.isfinite(value):
+                    why = f"loss is {value} at step {step + 1}"
+                elif ref is not None and value > cfg.explode_factor * ref + cfg.explode_margin:
+                    why = (f"loss exploded to {value:.4g} at step {step + 1} "
+                           f"(mean so far {ref:.4g}); lower lr (now {cfg.lr:g})")
+                running += value
+                if why is None:
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    limit = cfg.max_grad_norm if cfg.max_grad_norm else float("inf")
+                    gnorm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+                    if not math.isfinite(gnorm):
+                        why = f"gradient norm is {gnorm} at step {len(report.losses)}"
+                if why is not None:
+                    self._finish(report, t0, len(report.losses) - 1, bs)
+                    report.diverged, report.reason = True, why
+                    err = TrainingDivergedError(f"training diverged: {why}; no card was made")
+                    err.report = report
+                    raise err
+                opt.step()
+                sched.step()
+                bar.advance(task)
         self._finish(report, t0, total, bs)
 
     @staticmethod
