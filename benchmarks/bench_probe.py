@@ -1,5 +1,8 @@
 """WeightMapProbe overhead and the token_norms kernel, in one run, on the bundled MiniLM.
 
+The case bodies, fixtures and correctness checks are ``aios_fast.bench.cases.probe``, shared
+with ``aios-fast bench --only probe``; this file times them with pytest-benchmark.
+
 Batch 64 x 128 real tokens (sentences of the built-in corpora packed to 128 tokens):
 
 * ``forward``: plain forward, the probe's hooks, the seed's naive hooks (``torch.norm(out).item()``
@@ -24,7 +27,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -33,8 +35,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from aios_fast._atomic import save_figure  # noqa: E402
-from aios_fast.kernels.norms import NormState, token_norm_stats  # noqa: E402
-from aios_fast.probe import WeightMapProbe, corpus  # noqa: E402
+from aios_fast.bench.cases import probe as case  # noqa: E402
+from aios_fast.bench.core import timed  # noqa: E402
 
 BATCH, SEQ = 64, 128
 ROUNDS = int(os.environ.get("AIOS_BENCH_ROUNDS", "3"))
@@ -44,116 +46,54 @@ PAIRED: dict[str, list[float]] = {}
 
 
 @pytest.fixture(scope="module")
-def model():
-    from transformers import AutoModel
-
-    from aios_fast.bundled import minilm_dir
-
-    return AutoModel.from_pretrained(minilm_dir()).eval()
+def model_and_tokenizer():
+    return case.load_model()
 
 
 @pytest.fixture(scope="module")
-def batch():
-    """64 rows of 128 real tokens: corpus sentences packed until the row is full."""
-    from transformers import AutoTokenizer
+def model(model_and_tokenizer):
+    return model_and_tokenizer[0]
 
-    from aios_fast.bundled import minilm_dir
 
-    tok = AutoTokenizer.from_pretrained(minilm_dir())
-    sents = corpus("code") + corpus("cooking") + corpus("general")
-    ids = [t for s in sents for t in tok(s, add_special_tokens=False)["input_ids"]]
-    rows = []
-    for r in range(BATCH):
-        start = (r * 97) % (len(ids) - SEQ)
-        rows.append([tok.cls_token_id] + ids[start:start + SEQ - 2] + [tok.sep_token_id])
-    input_ids = torch.tensor(rows)
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-            "token_type_ids": torch.zeros_like(input_ids)}
+@pytest.fixture(scope="module")
+def batch(model_and_tokenizer):
+    return case.make_batch(model_and_tokenizer[1], BATCH, SEQ)
 
 
 @pytest.fixture(scope="module")
 def reference_output(model, batch):
-    with torch.no_grad():
-        return model(**batch).last_hidden_state
+    return case.forward(model, batch)
 
 
 @pytest.fixture(scope="module")
 def outputs(model, batch):
-    """Every Linear output of one forward, flattened to (tokens, features)."""
-    got = {}
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: got.__setitem__(n, o.detach().reshape(-1, o.shape[-1])))
-             for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    try:
-        with torch.no_grad():
-            model(**batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    return got
+    return case.linear_outputs(model, batch)
 
 
 def _record(name, benchmark):
     RESULTS[name] = benchmark.stats.stats.median
 
 
-def _forward(model, batch):
-    with torch.no_grad():
-        return model(**batch).last_hidden_state
-
-
-class NaiveHooks:
-    """The seed's scoring: one torch.norm(out).item() per hooked module per forward."""
-
-    def __init__(self, model):
-        self.norms: dict[str, list[float]] = {}
-        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in model.named_modules()
-                        if isinstance(m, torch.nn.Linear)]
-
-    def _hook(self, name):
-        def hook(mod, inp, out):
-            self.norms.setdefault(name, []).append(torch.norm(out).item())
-        return hook
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
 @pytest.mark.benchmark(group="probe-forward", timer=time.process_time)
 def test_forward_plain(benchmark, model, batch, reference_output):
-    out = benchmark.pedantic(_forward, args=(model, batch), rounds=ROUNDS, warmup_rounds=1)
-    assert torch.equal(out, reference_output)
+    out = benchmark.pedantic(case.forward, args=(model, batch), rounds=ROUNDS, warmup_rounds=1)
+    case.check_same_output(out, reference_output)
     _record("forward_plain", benchmark)
 
 
 @pytest.mark.benchmark(group="probe-forward", timer=time.process_time)
 def test_forward_probe(benchmark, model, batch, reference_output, outputs):
-    p = WeightMapProbe(model).attach()
-    try:
-        out = benchmark.pedantic(_forward, args=(model, batch), rounds=ROUNDS, warmup_rounds=1)
-        calls = ROUNDS + 1
-        stats = p.statistics()
-    finally:
-        p.detach()
-    assert torch.equal(out, reference_output)  # hooks change nothing
-    x = outputs["encoder.layer.3.intermediate.dense"].double()
-    s = stats["encoder.layer.3.intermediate.dense"]
-    assert s["count"] == calls * BATCH * SEQ
-    assert s["mean_norm"] == pytest.approx(x.norm(dim=1).mean().item(), rel=1e-5)
+    out, stats = benchmark.pedantic(case.probe_forward, args=(model, batch), rounds=ROUNDS, warmup_rounds=1)
+    case.check_same_output(out, reference_output)  # hooks change nothing
+    case.check_probe_stats(stats, outputs)
     _record("forward_probe", benchmark)
 
 
 @pytest.mark.benchmark(group="probe-forward", timer=time.process_time)
 def test_forward_naive_hooks(benchmark, model, batch, reference_output, outputs):
-    naive = NaiveHooks(model)
-    try:
-        out = benchmark.pedantic(_forward, args=(model, batch), rounds=ROUNDS, warmup_rounds=1)
-    finally:
-        naive.remove()
-    assert torch.equal(out, reference_output)
-    n = "encoder.layer.3.intermediate.dense"
-    # torch.norm sums 12.6M squares in float32: about 1e-4 off the float64 value
-    assert naive.norms[n][-1] == pytest.approx(outputs[n].double().norm().item(), rel=2e-3)
+    out, norms = benchmark.pedantic(case.naive_forward, args=(model, batch), rounds=ROUNDS, warmup_rounds=1)
+    case.check_same_output(out, reference_output)
+    case.check_naive_norms(norms, outputs)
     _record("forward_naive", benchmark)
 
 
@@ -161,20 +101,17 @@ def test_forward_naive_hooks(benchmark, model, batch, reference_output, outputs)
 def test_forward_paired(benchmark, model, batch, reference_output):
     """Alternate plain / probe / naive forwards so that load from other processes hits all three
     alike; the overhead is the median of per-round ratios, in wall and in process CPU time."""
+    bodies = {"plain": lambda: case.forward(model, batch),
+              "probe": lambda: case.probe_forward(model, batch)[0],
+              "naive": lambda: case.naive_forward(model, batch)[0]}
 
     def one_round():
         wall, cpu = {}, {}
-        for kind in ("plain", "probe", "naive"):
-            p = WeightMapProbe(model).attach() if kind == "probe" else None
-            h = NaiveHooks(model) if kind == "naive" else None
-            t, c = time.perf_counter(), time.process_time()
-            out = _forward(model, batch)
-            wall[kind], cpu[kind] = time.perf_counter() - t, time.process_time() - c
-            if p is not None:
-                p.detach()
-            if h is not None:
-                h.remove()
-            assert torch.equal(out, reference_output)
+        for kind, body in bodies.items():
+            c = time.process_time()
+            wall[kind], out = timed(body)
+            cpu[kind] = time.process_time() - c
+            case.check_same_output(out, reference_output)
         for kind in ("probe", "naive"):
             PAIRED.setdefault(f"{kind}_wall", []).append(wall[kind] / wall["plain"])
             PAIRED.setdefault(f"{kind}_cpu", []).append(cpu[kind] / cpu["plain"])
@@ -182,36 +119,31 @@ def test_forward_paired(benchmark, model, batch, reference_output):
     benchmark.pedantic(one_round, rounds=2 * ROUNDS, warmup_rounds=0)
 
 
-def _all_stats(outputs, impl):
-    states = {n: NormState.empty(x.shape[1]) for n, x in outputs.items()}
-    for n, x in outputs.items():
-        token_norm_stats(x, states[n], force=impl)
-    return states
+def _skip_unavailable(impl):
+    from aios_fast import backends
+
+    ok, why = next(i for i in backends.implementations("token_norms", only_available=False)
+                   if i.name == impl).available()
+    if not ok:
+        pytest.skip(f"{impl}: {why}")
 
 
 @pytest.mark.benchmark(group="probe-kernel")
-@pytest.mark.parametrize("impl", ["cpp", "torch"])
+@pytest.mark.parametrize("impl", ["cpp", "numba", "torch"])
 def test_kernel_all_module_outputs(benchmark, outputs, impl):
-    states = benchmark.pedantic(_all_stats, args=(outputs, impl), rounds=max(ROUNDS, 5), warmup_rounds=1)
-    ref = _all_stats(outputs, "torch") if impl != "torch" else states
-    for n in outputs:
-        a, b = states[n].to_dict(), ref[n].to_dict()
-        for k in ("count", "sum", "sumsq", "max"):
-            assert a[k] == pytest.approx(b[k], rel=1e-5), (n, k)
-        # float32 column sums over 8192 rows in different orders
-        np.testing.assert_allclose(states[n].channel_numpy(), ref[n].channel_numpy(), rtol=1e-4)
+    _skip_unavailable(impl)
+    states = benchmark.pedantic(case.all_stats, args=(outputs, impl), rounds=max(ROUNDS, 5), warmup_rounds=1)
+    case.check_kernel_states(states, case.all_stats(outputs, "torch"))
     _record(f"kernel_{impl}", benchmark)
 
 
 @pytest.mark.benchmark(group="probe-kernel")
-@pytest.mark.parametrize("impl", ["cpp", "torch"])
+@pytest.mark.parametrize("impl", ["cpp", "numba", "torch"])
 def test_kernel_bf16_outputs(benchmark, outputs, impl):
-    x = {n: outputs[n].to(torch.bfloat16) for n in ("encoder.layer.3.intermediate.dense",
-                                                    "encoder.layer.3.output.dense")}
-    states = benchmark.pedantic(_all_stats, args=(x, impl), rounds=max(ROUNDS, 5), warmup_rounds=1)
-    ref = _all_stats(x, "torch")
-    for n in x:
-        assert states[n].to_dict()["sum"] == pytest.approx(ref[n].to_dict()["sum"], rel=1e-5)
+    _skip_unavailable(impl)
+    x = {n: outputs[n].to(torch.bfloat16) for n in (case.PROBE_MODULE, "encoder.layer.3.output.dense")}
+    states = benchmark.pedantic(case.all_stats, args=(x, impl), rounds=max(ROUNDS, 5), warmup_rounds=1)
+    case.check_kernel_states(states, case.all_stats(x, "torch"))
     _record(f"kernel_bf16_{impl}", benchmark)
 
 
@@ -234,6 +166,9 @@ def report():
         ratios["kernel_share_of_forward_pct"] = 100 * r["kernel_cpp"] / r["forward_plain"]
     if "kernel_bf16_cpp" in r and "kernel_bf16_torch" in r:
         ratios["kernel_bf16_speedup_vs_torch"] = r["kernel_bf16_torch"] / r["kernel_bf16_cpp"]
+    for tag in ("", "bf16_"):  # numba: the portable path's standing against the reference
+        if f"kernel_{tag}numba" in r and f"kernel_{tag}torch" in r:
+            ratios[f"kernel_{tag}numba_speedup_vs_torch"] = r[f"kernel_{tag}torch"] / r[f"kernel_{tag}numba"]
     summary = {"median_seconds": r, "ratios": ratios, "batch": [BATCH, SEQ], "rounds": ROUNDS,
                "torch_threads": torch.get_num_threads()}
     print("\n" + json.dumps(summary, indent=2))

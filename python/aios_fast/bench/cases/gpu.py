@@ -1,0 +1,103 @@
+"""Benchmark group ``gpu``: the CUDA paths against their torch references, on the first GPU.
+
+* ``token_norms`` CUDA kernel vs the torch ops, on every Linear output of a MiniLM forward
+  (float32) and on two outputs in bfloat16; statistics checked against the reference.
+* WeightMapProbe overhead on a MiniLM forward on the GPU (goal ≤ 2 %); output bit-identical.
+* ``truncated_svd`` on CUDA vs ``torch.svd_lowrank`` on CUDA; σ_k checked.
+* whole-model extraction with ``--device cuda`` vs ``mergekit-extract-lora --cuda``.
+
+The runner marks the whole group "not run" on a machine where torch sees no CUDA device. GPU
+work is asynchronous, so every timed body ends with ``torch.cuda.synchronize()``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core import BenchContext, Figure, Goal, measure
+from . import extract as ex
+from . import probe as pr
+from . import svd as sv
+
+__all__ = ["run"]
+
+
+def _sync(fn):
+    def body():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+    return body
+
+
+def run(ctx: BenchContext) -> list[Figure]:
+    if not torch.cuda.is_available():  # the runner checks first; this guards direct calls
+        f = Figure("gpu.token_norms_float32", "gpu", "token_norms on CUDA", status="not run",
+                   reason="no CUDA GPU visible to torch")
+        return [f]
+    from ...kernels.norms import _cuda_available
+
+    dev = torch.device("cuda")
+    figs: list[Figure] = []
+    rounds = max(ctx.sizes.rounds, 5)
+    b, s = ctx.sizes.probe_batch
+    ctx.progress("MiniLM on the GPU")
+    model, tok = pr.load_model()
+    model = model.to(dev)
+    batch = {k: v.to(dev) for k, v in pr.make_batch(tok, b, s).items()}
+    ref = pr.forward(model, batch)
+    outputs = pr.linear_outputs(model, batch)
+    name = torch.cuda.get_device_name(0)
+    cfg = {"gpu": name, "model": "all-MiniLM-L6-v2", "batch": [b, s]}
+
+    ok, why = _cuda_available()
+    for dtype in ("float32", "bfloat16"):
+        x = outputs if dtype == "float32" else {n: outputs[n].to(torch.bfloat16) for n in list(outputs)[:2]}
+        fig = Figure(f"gpu.token_norms_{dtype}", "gpu", f"token_norms of {len(x)} outputs on {name}, {dtype}, "
+                     "CUDA kernel vs torch ops", goal=Goal(">=", 2.0, "≥ 2× the torch ops") if dtype == "float32"
+                     else None, check="statistics equal the torch reference (rel 1e-5)",
+                     config={**cfg, "dtype": dtype, "outputs": len(x)})
+        if not ok:
+            fig.status, fig.reason = "not run", why
+            figs.append(fig)
+            continue
+        reference = pr.all_stats(x, "torch")
+        figs.append(measure(fig, _sync(lambda x=x: pr.all_stats(x, "cuda")),
+                            _sync(lambda x=x: pr.all_stats(x, "torch")),
+                            lambda o, p: (pr.check_kernel_states(o, reference), pr.check_kernel_states(p, reference)),
+                            rounds=rounds, ours_name="token_norms cuda", peer_name="torch ops"))
+
+    ctx.progress("probe overhead on the GPU")
+    fig = Figure("gpu.probe_forward_overhead", "gpu", f"forward with WeightMapProbe hooks on {name}, MiniLM {b}×{s}",
+                 metric="overhead", goal=Goal("<=", 2.0, "≤ 2 % over the plain forward"),
+                 check="output bit-identical; probe statistics equal float64 references", config=cfg)
+
+    def check_probe(o, p):
+        pr.check_same_output(o[0], ref)
+        pr.check_same_output(p, ref)
+        pr.check_probe_stats(o[1], outputs)
+
+    figs.append(measure(fig, _sync(lambda: pr.probe_forward(model, batch)), _sync(lambda: pr.forward(model, batch)),
+                        check_probe, rounds=4 * rounds, ours_name="forward + WeightMapProbe",
+                        peer_name="plain forward"))
+    del model, outputs
+    torch.cuda.empty_cache()
+
+    for shape in ctx.sizes.svd_shapes:
+        for k in ctx.sizes.svd_ranks:
+            ctx.progress(f"SVD {shape[0]}×{shape[1]} rank {k} on the GPU")
+            T, B = (t.to(dev) for t in sv.make_pair(shape, torch.bfloat16))
+            refs = sv.reference_sigma(T, B, k).cpu()
+            fig = Figure(f"gpu.svd_{shape[0]}x{shape[1]}_bf16_r{k}", "gpu",
+                         f"truncated SVD on {name}, {shape[0]}×{shape[1]} bf16, rank {k}",
+                         goal=Goal(">=", 1.25, "≤ 0.8× svd_lowrank's time (≥ 1.25×)"),
+                         check="σ_k error < 2 % and ≤ svd_lowrank's", config={**cfg, "shape": list(shape), "rank": k})
+            figs.append(measure(fig, _sync(lambda k=k: sv.ours(T, B, k)), _sync(lambda k=k: sv.lowrank(T, B, k)),
+                                lambda o, p, k=k: sv.check_sigma(o.cpu(), p.cpu(), refs, k),
+                                rounds=rounds, ours_name="truncated_svd (cuda)", peer_name="torch.svd_lowrank (cuda)"))
+            del T, B
+            torch.cuda.empty_cache()
+
+    for pair in ctx.sizes.gpu_extract_pairs:
+        figs += ex.run_pair(ctx, pair, device="cuda", group="gpu")
+    return figs
