@@ -39,6 +39,7 @@ import pytest
 import torch
 
 from aios_fast._atomic import save_figure
+from aios_fast.bench.cases import svd as case  # the pair and the methods, shared with `aios-fast bench --only svd`
 from aios_fast.linalg import truncated_svd
 
 SHAPES = [(4096, 4096), (4096, 11008)]
@@ -57,15 +58,7 @@ def pair(shape, dt):
     """(tuned, base, LAPACK σ of tuned − base) for the case."""
     key = (shape, dt)
     if key not in _cache:
-        m, n = shape
-        g = torch.Generator().manual_seed(0)
-        K = 256
-        U = torch.randn(m, K, generator=g) / m ** 0.5
-        V = torch.randn(n, K, generator=g) / n ** 0.5
-        sig = 0.96 ** torch.arange(K, dtype=torch.float32)
-        base = 0.02 * torch.randn(m, n, generator=g)
-        tuned = base + (U * sig) @ V.T + 1e-4 * torch.randn(m, n, generator=g)
-        T, B = tuned.to(DTYPES[dt]), base.to(DTYPES[dt])
+        T, B = case.make_pair(shape, DTYPES[dt])  # planted spectrum 0.96^i over 256 directions + noise
         _cache[key] = (T, B, lapack_sv(T.float() - B.float()))
     return _cache[key]
 
@@ -109,22 +102,19 @@ def report_at_end():
 def _method(name, k):
     """(seed → σ) for one method."""
     if name == "ours":
-        return lambda T, B, seed=0: truncated_svd((T, B), k, seed=seed).S
+        return lambda T, B, seed=0: case.ours(T, B, k, seed)
     if name == "ours-pq":
         return lambda T, B, seed=0: truncated_svd((T, B), k, oversample=P, power_iters=Q, seed=seed).S
 
     if name == "lowrank":
-        def lowrank(T, B, seed=0):
-            torch.manual_seed(seed)
-            return torch.svd_lowrank(T.float() - B.float(), q=k + P, niter=Q)[1]
-        return lowrank
+        return lambda T, B, seed=0: case.lowrank(T, B, k, seed)
     if name == "sklearn":
         def skl(T, B, seed=0):
             from sklearn.utils.extmath import randomized_svd
             D = (T.float() - B.float()).numpy()
             return torch.from_numpy(randomized_svd(D, k, n_oversamples=P, n_iter=Q, random_state=seed)[1])
         return skl
-    return lambda T, B, seed=0: torch.linalg.svd(T.float() - B.float(), full_matrices=False)[1][:k]
+    return lambda T, B, seed=0: case.full_svd(T, B, k)
 
 
 def _single_method(name, k):

@@ -70,3 +70,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# --- teacher servers (real HTTP servers on 127.0.0.1; see tests/servers/) ---------------------
+@pytest.fixture()
+def fault_server():
+    """A scriptable OpenAI-compatible server that answers with faults (servers.fault_server)."""
+    from servers.fault_server import FaultServer
+
+    with FaultServer() as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def llama_server():
+    """llama-cpp-python's OpenAI-compatible server on the bundled SmolLM2 GGUF, for the session.
+    Skipped only when llama_cpp is not importable (CI installs it: .ci/setup)."""
+    import importlib.util
+
+    from aios_fast.evolve.llama_server import LlamaServer
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed: pip install 'llama-cpp-python[server]'")
+    with LlamaServer(n_threads=2) as srv:
+        yield srv

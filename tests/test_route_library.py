@@ -213,10 +213,21 @@ def test_two_processes_add_without_losing_rows_and_readers_never_see_half(tmp_pa
     env_py = [sys.executable, "-c", _WRITER, str(lib_dir)]
     procs = [subprocess.Popen(env_py + [prefix]) for prefix in ("p", "q")]
     reads = 0
-    while any(p.poll() is None for p in procs):
-        if (lib_dir / "index.parquet").exists():
-            pq.read_table(lib_dir / "index.parquet")   # never a partial file
+    try:
+        while any(p.poll() is None for p in procs):
+            try:
+                # one open handle, as the library reads it: the inode it names is complete
+                fh = open(lib_dir / "index.parquet", "rb")
+            except FileNotFoundError:
+                continue
+            with fh:
+                pq.read_table(fh)   # never a partial file
             reads += 1
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
     assert [p.returncode for p in procs] == [0, 0]
     names = [e.name for e in SkillLibrary(lib_dir).list()]
     assert names == sorted(f"{p}{i}" for p in "pq" for i in range(4))

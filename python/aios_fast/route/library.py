@@ -604,10 +604,15 @@ class SkillLibrary:
     def _read_index(self) -> list[dict] | None:
         import pyarrow.parquet as pq
 
-        if not self.index_path.exists():
+        # One open handle: pyarrow reading by path stats the file and opens it separately, so a
+        # writer's os.replace between the two reads a size that belongs to the other file.
+        try:
+            fh = open(self.index_path, "rb")
+        except FileNotFoundError:
             return None
         try:
-            return pq.read_table(self.index_path).to_pylist()
+            with fh:
+                return pq.read_table(fh).to_pylist()
         except Exception as exc:  # any damage: pyarrow raises several types
             self._problems.append(f"index {self.index_path} is unreadable ({type(exc).__name__}: "
                                   f"{exc}); rebuilt from the cards' sidecar files")
