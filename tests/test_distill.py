@@ -112,10 +112,54 @@ def test_no_grounding_is_refused(encoder, tmp_path):
     assert res.card is None and "no grounding" in res.reason
 
 
+# ------------------------------------------------------------------ the gate
+def test_bootstrap_lower_bound_is_noise_aware():
+    import numpy as np
+
+    from aios_fast.errors import InputError
+    from aios_fast.evolve.distiller import bootstrap_lower_bound
+
+    assert bootstrap_lower_bound(np.zeros(40)) == 0.0                   # no change: not > 0
+    one_lucky = np.r_[np.zeros(39), 1.0]                                # one question moved
+    assert bootstrap_lower_bound(one_lucky) <= 0.0
+    broad = np.r_[np.full(20, 0.5), np.zeros(20)]                       # half of them moved up
+    assert bootstrap_lower_bound(broad) > 0.15
+    with pytest.raises(InputError, match="need a 1-D array"):
+        bootstrap_lower_bound([0.1])
+
+
+@pytest.mark.slow
+def test_gate_refuses_a_card_that_does_not_help(encoder, index):
+    """A card trained on shuffled (wrong) answers is refused by the bootstrap gate, with the
+    figures in the reason (a card that changes nothing: ``bootstrap_lower_bound`` of zeros is 0)."""
+    from aios_fast.evolve.distiller import CloudDistiller, DistillConfig, _NoCard
+    from aios_fast.evolve.pairs import inverse_cloze_pairs
+    from aios_fast.learn.trainer import LoRATrainer
+
+    pairs = inverse_cloze_pairs(index.passages, 3, seed=3)
+    assert len(pairs) >= 24, len(pairs)
+    held, train = pairs[:len(pairs) // 3], pairs[len(pairs) // 3:]
+    wrong = [(p.query, train[(i + 7) % len(train)].answer) for i, p in enumerate(train)]
+    d = CloudDistiller(encoder, config=DistillConfig(), index=index)
+    distractors = [p.answer for p in train]
+    card, _ = LoRATrainer(encoder).train(wrong, rank=4, epochs=2, lr=1e-2, batch_size=8, seed=0,
+                                         name="bad", progress=False)
+    report = {"timings": {}, "stages": []}
+    with pytest.raises(_NoCard, match="bootstrap lower bound") as why:
+        d._gate(card, held, distractors, report)
+    gate = report["gate"]
+    assert gate["metric"] == "mrr@10" and not gate["passed"]
+    assert gate["details"]["mrr@10_gain_lower_bound"] <= 0.0, str(why.value)
+    assert gate["after"] < gate["before"]                   # the wrong answers really hurt
+
+
 # ------------------------------------------------------------------ the skill is real
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="failed once at the session's end (assertion not captured); "
-                   "under investigation: see the DISTILL report")
+@pytest.mark.xfail(raises=AssertionError, strict=False,
+                   reason="measured 2026-12-02 (seed 0): the bootstrap gate passes the card (held-out MRR@10 "
+                   "gain, lower bound > 0) but the human-written eval does not rise (recall@1 0.750 -> 0.750, "
+                   "MRR@10 0.839 -> 0.822): the ICT-dominated held-out does not track user questions; "
+                   "see the DISTILL section of BENCHMARKS.md")
 def test_local_teacher_card_raises_human_recall(encoder, index, tmp_path):
     """The card trained from the documents with LocalTeacher raises recall@1 of MiniLM on the
     held-out, human-written questions of a domain the defaults were not tuned on."""
@@ -134,11 +178,10 @@ def test_local_teacher_card_raises_human_recall(encoder, index, tmp_path):
     res = d.distill_topic(_queries(), LocalTeacher(), skill_name="marrowby")
     rep = res.report
     assert rep["pairs"]["teacher"]["asked"] > 0 and "gate" in rep
-    if not res.ok:
-        # measured on this 2-core box: the held-out ICT gate does not move although the human
-        # eval's MRR does; reported as a known gap, not hidden
-        pytest.xfail(f"gate refused the skill: {rep.get('reason')}")
-    assert rep["gate"]["passed"] and rep["gate"]["after"] >= rep["gate"]["before"] + 0.05
+    assert res.ok, rep.get("reason")
+    gate = rep["gate"]
+    assert gate["passed"] and gate["metric"] == "mrr@10" and gate["after"] > gate["before"]
+    assert gate["details"]["mrr@10_gain_lower_bound"] > 0.0
     assert rep["pairs"]["kept"].get("teacher", 0) >= 3       # the tiny teacher contributed
     assert rep["pairs"]["teacher"]["asked"] >= rep["pairs"]["teacher"]["kept"]
     entry = lib.get("marrowby")
@@ -231,8 +274,9 @@ _CHILD = textwrap.dedent("""
                 os._exit(9)
             return real(self, topic, **st)
         DistillJournal.set = set_
-    # margin -1: the gate's verdict is not under test here, the journal is
-    d = SkillDistiller(Node(), tier="leaf", teacher=False, docs=docs, config={"margin": -1.0})
+    # fixed margin -1: the gate's verdict is not under test here, the journal is
+    d = SkillDistiller(Node(), tier="leaf", teacher=False, docs=docs,
+                       config={"margin": -1.0, "gate_rule": "margin"})
     out = d.learn(LearningRequest("topic-a", tuple(queries), request_id="r1"))
     print("LEARNT", out.entry and out.entry.key)
 """)

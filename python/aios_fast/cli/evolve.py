@@ -292,6 +292,12 @@ def _table(con, report: dict, has_eval: bool) -> None:
     if gate:
         verdict = "passed" if gate["passed"] else "REFUSED"
         t.add_row(f"gate ({verdict}): held-out {gate['metric']} (teacher + ICT)", f"{gate['before']:.3f}", f"{gate['after']:.3f}")
+        det = gate.get("details") or {}
+        if "mrr@10_gain_lower_bound" in det:
+            t.add_row(f"gate: held-out recall@1 ({gate.get('n_heldout', '?')} q)",
+                      f"{det['recall@1_before']:.3f}", f"{det['recall@1_after']:.3f}")
+            t.add_row(f"gate: MRR@10 gain, {det['gate_confidence']:.0%} bootstrap lower bound (must be > 0)",
+                      "", f"{det['mrr@10_gain_lower_bound']:+.3f}")
         t.add_row("gate: drift on general texts (max %.2f)" % gate["max_drift"], "", f"{gate['drift']:.3f}")
     if has_eval and "recall@1" in a:
         t.add_row(f"human-written eval recall@1 ({b['n']} q)", f"{b['recall@1']:.3f}", f"{a['recall@1']:.3f}")

@@ -93,7 +93,11 @@ class DistillConfig:
         rank, alpha, lr, batch_size, target_modules: the LoRA training.
         epochs: ``None`` = enough epochs for ``min_steps`` optimiser steps (at least 3, at most
             ``max_epochs``): a small topic must still train long enough to change the model.
-        margin, max_drift: the gate (``None``: :func:`aios_fast.learn.validate`'s defaults).
+        margin, max_drift: the gate (``None``: :func:`aios_fast.learn.validate`'s defaults;
+            with ``gate_rule="bootstrap"`` the margin is an optional floor on the mean MRR@10 gain).
+        gate_rule: ``"bootstrap"`` (encoders): the held-out MRR@10 gain's paired bootstrap lower
+            bound at ``gate_confidence`` (``gate_resamples`` resamples) must be above 0, so the
+            margin scales with the held-out size; ``"margin"``: ``validate``'s fixed recall@1 margin.
         max_examples: router examples stored with the skill.
         seed: pairs, split and training.
     """
@@ -115,11 +119,17 @@ class DistillConfig:
     max_epochs: int = 12
     lr: float = 1e-3
     batch_size: int = 16
-    target_modules: Any = None
+    # pinned here (not the trainer's default, which other measurements may move): every
+    # attention projection and feed-forward layer of the encoder, never the pooler
+    target_modules: Any = (r"^(?!.*pooler).*\.(query|key|value|dense|q_proj|k_proj|v_proj|o_proj|"
+                           r"q_lin|k_lin|v_lin|out_lin|lin1|lin2|gate_proj|up_proj|down_proj)$")
     margin: float | None = None
     max_drift: float | None = None
     max_examples: int = 64
     seed: int = 0
+    gate_rule: str = "bootstrap"
+    gate_confidence: float = 0.95
+    gate_resamples: int = 2000
 
     def __post_init__(self) -> None:
         for name in ("max_passages", "min_pairs", "min_heldout", "rank", "batch_size", "max_examples",
@@ -131,6 +141,12 @@ class DistillConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise InputError(f"DistillConfig.{name}: expected an int >= 0, got {v!r}")
+        if self.gate_rule not in ("bootstrap", "margin"):
+            raise InputError(f"DistillConfig.gate_rule: expected 'bootstrap' or 'margin', got {self.gate_rule!r}")
+        if not 0.5 <= self.gate_confidence < 1.0:
+            raise InputError(f"DistillConfig.gate_confidence: expected a number in [0.5, 1), got {self.gate_confidence!r}")
+        if isinstance(self.gate_resamples, bool) or not isinstance(self.gate_resamples, int) or self.gate_resamples < 100:
+            raise InputError(f"DistillConfig.gate_resamples: expected an int >= 100, got {self.gate_resamples!r}")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise InputError(f"DistillConfig.heldout_fraction: expected a number in (0, 1), got {self.heldout_fraction!r}")
 
@@ -425,6 +441,8 @@ class CloudDistiller:
         v = validate(card, self.engine, [(p.query, p.answer) for p in heldout], self.guard,
                      margin=cfg.margin, max_drift=cfg.max_drift,
                      distractors=distractors if self.kind == "encoder" else ())
+        if self.kind == "encoder" and cfg.gate_rule == "bootstrap":
+            v = _bootstrap_gate(card, self.engine, heldout, distractors, v, cfg)
         report["gate"] = v.to_dict()
         self._stage(report, "gate", t0, passed=v.passed, metric=v.metric, before=round(v.before, 4),
                     after=round(v.after, 4), drift=round(v.drift, 4))
@@ -463,6 +481,89 @@ class CloudDistiller:
             except Exception as exc:  # a publisher's failure must not undo learning
                 report.setdefault("publish_errors", []).append(f"{getattr(hook, '__name__', hook)}: {exc}")
         return entry
+
+
+@dataclass(frozen=True)
+class _Ranks:
+    rr: Any        # (n,) float64 reciprocal rank at k (0 beyond k)
+    top1: Any      # (n,) bool
+
+
+def _paired_ranks(card, engine: Any, heldout: Sequence[Pair], distractors: Sequence[str], k: int = 10):
+    """Per-question reciprocal ranks of the right answer among the held-out answers plus
+    ``distractors``, for the base model and with ``card`` applied (the same candidates and the
+    same measurement as :func:`aios_fast.learn.gate.retrieval_metrics`, kept per question so
+    the decision can be paired)."""
+    from dataclasses import replace as dc_replace
+
+    import numpy as np
+
+    from ..learn._engine import as_engine
+    from ..lora import LoRAManager
+    from ..lora.layer import base_only
+
+    view = as_engine(engine)
+    qs = [p.query for p in heldout]
+    answers = [p.answer for p in heldout]
+    cands = answers + [t for t in distractors if t not in set(answers)]
+
+    def ranks() -> _Ranks:
+        sims = view.encode(qs) @ view.encode(cands).T
+        rank = (sims > sims.diagonal().unsqueeze(1)).sum(1).numpy()
+        return _Ranks(np.where(rank < k, 1.0 / (rank + 1.0), 0.0), rank == 0)
+
+    import uuid
+
+    # a private name, as in validate: the caller may hold a card of the same name on this model
+    probe = dc_replace(card, name=f"{card.name}#gate-{uuid.uuid4().hex[:12]}", metadata={})
+    with base_only():
+        before = ranks()
+        with LoRAManager(view.model).applied(probe):
+            after = ranks()
+    return before, after
+
+
+def bootstrap_lower_bound(diffs: Any, confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> float:
+    """One-sided lower confidence bound of the mean of paired differences by the percentile
+    bootstrap (Efron & Tibshirani 1993, ch. 13): resample the questions with replacement and
+    take the ``1 - confidence`` quantile of the resampled means. A bound above 0 means the gain
+    is unlikely to be noise of this held-out set; an all-zero ``diffs`` gives exactly 0."""
+    import numpy as np
+
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.ndim != 1 or d.size < 2:
+        raise InputError(f"bootstrap_lower_bound: need a 1-D array of >= 2 differences, got shape {d.shape}")
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(resamples, d.size))
+    return float(np.quantile(d[idx].mean(1), 1.0 - confidence))
+
+
+def _bootstrap_gate(card, engine, heldout, distractors, v, cfg: "DistillConfig"):
+    """The noise-aware decision: MRR@10 of the held-out questions must rise with a paired
+    bootstrap lower bound above 0 (and by at least ``cfg.margin`` on average when set), and the
+    guard drift must stay within ``validate``'s bound. Returns ``v`` with the primary metric,
+    the verdict and the reasons replaced (drift, checksum and recall@1 figures kept)."""
+    from dataclasses import replace as dc_replace
+
+    before, after = _paired_ranks(card, engine, heldout, distractors)
+    diffs = after.rr - before.rr
+    lb = bootstrap_lower_bound(diffs, cfg.gate_confidence, cfg.gate_resamples, cfg.seed)
+    gain = float(diffs.mean())
+    reasons = [r for r in v.reasons if r.startswith("drift")]
+    if not lb > 0.0:
+        reasons.insert(0, f"mrr@10 went from {before.rr.mean():.4f} to {after.rr.mean():.4f} on "
+                          f"{len(diffs)} held-out questions: gain {gain:+.4f}, its {cfg.gate_confidence:.0%} "
+                          f"bootstrap lower bound {lb:+.4f} is not above 0")
+    if cfg.margin is not None and not gain >= cfg.margin:
+        reasons.append(f"mrr@10 gain {gain:+.4f} is below the margin {cfg.margin}")
+    details = dict(v.details)
+    details.update({"mrr@10_gain_lower_bound": lb, "gate_confidence": cfg.gate_confidence,
+                    "improved": int((diffs > 0).sum()), "worsened": int((diffs < 0).sum()),
+                    "recall@1_before": float(before.top1.mean()), "recall@1_after": float(after.top1.mean())})
+    out = dc_replace(v, metric="mrr@10", before=float(before.rr.mean()), after=float(after.rr.mean()),
+                     margin=0.0 if cfg.margin is None else float(cfg.margin), passed=not reasons,
+                     reasons=reasons, details=details)
+    card.metadata["validation"] = out.to_json()
+    return out
 
 
 def _router_examples(queries, ps: PairSet, cfg: DistillConfig) -> list[str]:
