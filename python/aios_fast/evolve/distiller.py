@@ -398,9 +398,26 @@ class CloudDistiller:
         n = max(cfg.min_heldout, int(round(cfg.heldout_fraction * len(eligible))))
         if len(eligible) < n + 2:
             raise _NoCard(f"thin data: {len(eligible)} question-like pairs, need {n + 2} to hold out {n} for the gate")
-        held = set(eligible[:n])
+        # Hold out whole passages: a held-out question whose passage (or that passage's shared
+        # inverse-cloze answer) is also trained on measures memorising, not answering.
+        by_passage: dict[str, list[int]] = {}
+        for i in eligible:
+            by_passage.setdefault(ps.pairs[i].passage_ids[0], []).append(i)
+        order = sorted(by_passage)
+        rng.shuffle(order)
+        held_passages: set[str] = set()
+        held: set[int] = set()
+        for pid in order:
+            if len(held) >= n:
+                break
+            held_passages.add(pid)
+            held.update(by_passage[pid])
         heldout = [ps.pairs[i] for i in sorted(held)]
-        train = [p for i, p in enumerate(ps.pairs) if i not in held]
+        train = [p for i, p in enumerate(ps.pairs)
+                 if i not in held and not (set(p.passage_ids) & held_passages)]
+        if len(train) < 2:
+            raise _NoCard(f"thin data: {len(train)} training pairs left after holding out "
+                          f"{len(held_passages)} passage(s) for the gate")
         # every retrieved passage competes as an answer, in the same form as the held-out answers
         # (its shared ICT answer where it has one), except the held-out pairs' own passages
         taken = {pid for p in heldout for pid in p.passage_ids}
