@@ -156,10 +156,10 @@ def test_gate_refuses_a_card_that_does_not_help(encoder, index):
 # ------------------------------------------------------------------ the skill is real
 @pytest.mark.slow
 @pytest.mark.xfail(raises=AssertionError, strict=False,
-                   reason="measured 2026-12-02 (seed 0): the bootstrap gate passes the card (held-out MRR@10 "
-                   "gain, lower bound > 0) but the human-written eval does not rise (recall@1 0.750 -> 0.750, "
-                   "MRR@10 0.839 -> 0.822): the ICT-dominated held-out does not track user questions; "
-                   "see the DISTILL section of BENCHMARKS.md")
+                   reason="measured 2026-12-02 (seed 0): this 10-passage domain leaves the passage-level "
+                   "held-out only 10 questions; the gate refuses a +0.062 MRR@10 gain whose 95% bootstrap "
+                   "lower bound is -0.125 (on the 49-passage demo the same pipeline keeps the skill and the "
+                   "human-written recall@1 rises 0.604 -> 0.708); see the Distillation section of BENCHMARKS.md")
 def test_local_teacher_card_raises_human_recall(encoder, index, tmp_path):
     """The card trained from the documents with LocalTeacher raises recall@1 of MiniLM on the
     held-out, human-written questions of a domain the defaults were not tuned on."""
