@@ -141,6 +141,17 @@ def _fingerprint(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.casefold()).split())
 
 
+
+def _question_length_ok(q: str, idx: str, lo: int, hi: int, reasons: list[str]) -> bool:
+    """One length rule for questions in both parsers; a refusal is recorded in ``reasons``."""
+    if len(q) < lo:
+        reasons.append(f"too_short: {idx} question {_short(q)} has fewer than {lo} characters")
+        return False
+    if len(q) > hi:
+        reasons.append(f"too_long: {idx} question has {len(q)} characters (max {hi})")
+        return False
+    return True
+
 def _short(value: Any, n: int = 60) -> str:
     s = value if isinstance(value, str) else repr(value)
     s = " ".join(s.split())
@@ -379,11 +390,7 @@ def parse_qa_pairs(text: Any, *, max_pairs: int | None = None, min_question_char
         a = _text_field(a_raw, "answer", idx, reasons)
         if a is None:
             continue
-        if len(q) < min_question_chars:
-            reasons.append(f"too_short: {idx} question {_short(q)} has fewer than {min_question_chars} characters")
-            continue
-        if len(q) > max_question_chars:
-            reasons.append(f"too_long: {idx} question has {len(q)} characters (max {max_question_chars})")
+        if not _question_length_ok(q, idx, min_question_chars, max_question_chars, reasons):
             continue
         if len(a) > max_answer_chars:
             reasons.append(f"too_long: {idx} answer has {len(a)} characters (max {max_answer_chars})")
@@ -454,11 +461,7 @@ def parse_questions(text: Any, *, max_questions: int | None = None, min_chars: i
         q = _text_field(item, "question", idx, reasons)
         if q is None:
             continue
-        if len(q) < min_chars:
-            reasons.append(f"too_short: {idx} question {_short(q)} has fewer than {min_chars} characters")
-            continue
-        if len(q) > max_chars:
-            reasons.append(f"too_long: {idx} question has {len(q)} characters (max {max_chars})")
+        if not _question_length_ok(q, idx, min_chars, max_chars, reasons):
             continue
         fq = _fingerprint(q)
         if fq in seen:
