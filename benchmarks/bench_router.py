@@ -5,8 +5,9 @@
     confidence) vs ArrowEngine's way (a Python loop of cosine similarities over the skill
     embeddings) vs a plain NumPy brute force (one mat-vec, per-skill max by ``reduceat``, top-3
     by ``argpartition``; no confidence). Goals: >= 100x the Python loop at 1,000 skills, within
-    2x of the NumPy brute force. (Measured: see BENCHMARKS.md; the 100x goal is bounded by memory
-    bandwidth on the shared VM.)
+    2x of the NumPy brute force. The router's one-query path is the compiled ``route_topk`` scan
+    (int8 copy of the examples with a certified bound, exact float32 rescoring; see
+    ``aios_fast.kernels.route``), so it reads a quarter of the bytes the NumPy peer reads.
 (b) ``SkillNode.encode_with_lora`` on one sentence vs the encoder forwards it needs: one plain
     ``encode`` when no skill applies (the routing embedding is the answer), a plain plus an
     adapted ``encode`` when one does. Goal: at most 10 % above.

@@ -9,4 +9,5 @@ PYBIND11_MODULE(_C, m) {
     aios::register_build_info(m);
     aios::register_norms(m);
     aios::register_svd(m);
+    aios::register_route(m);
 }

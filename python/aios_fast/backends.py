@@ -34,6 +34,7 @@ _KERNEL_MODULES = (
     "aios_fast.kernels.svd",
     "aios_fast.kernels.svd_scipy",
     "aios_fast.kernels.numba_kernels",
+    "aios_fast.kernels.route",
 )
 
 Availability = Callable[[], "tuple[bool, str]"]

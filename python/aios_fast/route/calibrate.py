@@ -65,6 +65,12 @@ class ConfidenceMap:
         z = np.minimum(np.maximum(z + self.bias, -60.0), 60.0)   # exp stays finite
         return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
 
+    def one(self, score: float, margin: float) -> float:
+        """The same map for one (score, margin) in plain floats (the single-query routing path,
+        where NumPy's per-call overhead would dominate); rounded to float32 like ``__call__``."""
+        z = min(max(self.w_score * score + self.w_margin * margin + self.bias, -60.0), 60.0)
+        return float(np.float32(1.0 / (1.0 + math.exp(-z))))
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

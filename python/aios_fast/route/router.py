@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import CardFormatError, InputError
+from ..kernels.route import RouteMatrix, skill_scores
 from .calibrate import (DEFAULT_MAP, STALE_FRACTION, ConfidenceMap, general_negatives,
                         load_calibration, save_calibration, skills_changed_fraction)
 from .library import SkillLibrary, _clean_examples, encoder_fingerprint, valid_skill_name
@@ -36,6 +37,8 @@ __all__ = ["LoRARouter", "RouteResult"]
 _TOPK_EXAMPLES = 3          # per-skill reduction: mean of the best k example similarities
 _MAX_ROUTING_EXAMPLES = 64  # per skill: more examples add cost, not accuracy
 _CHUNK = 1024               # queries per matrix product in batch routing / calibration
+_SCAN_BATCH = 16            # up to this many queries go through route_topk's scan; more share
+                            # one matrix product, which reuses each example row across queries
 
 
 @dataclass(frozen=True)
@@ -88,13 +91,18 @@ class _Index:
     """An immutable snapshot of the routing matrices (swapped whole: readers never lock)."""
 
     names: list[str] = field(default_factory=list)          # example-backed skills, index order
-    E: np.ndarray | None = None                              # (N, d) example embeddings
-    counts: np.ndarray | None = None                         # (S,) examples per skill
-    pos: np.ndarray | None = None                            # (N,) slot in the padded (S*L) view
-    L: int = 0
-    uniform: bool = False                                    # every skill has L examples
+    M: RouteMatrix | None = None                             # their examples, grouped by skill
+    topk: Any = None                                         # the chosen route_topk implementation
     arrow_names: list[str] = field(default_factory=list)
     arrow: Any = None                                        # ArrowIndex or None
+
+    @property
+    def E(self) -> np.ndarray | None:
+        return None if self.M is None else self.M.E
+
+    @property
+    def uniform(self) -> bool:
+        return self.M is not None and self.M.uniform
 
     @property
     def size(self) -> int:
@@ -425,13 +433,10 @@ class LoRARouter:
         idx = _Index(names=[s.name for s in ex], arrow_names=[s.name for s in ar])
         if ex:
             counts = np.array([len(s.embeddings) for s in ex], dtype=np.int64)
-            L = int(counts.max())
-            idx.E = np.ascontiguousarray(np.concatenate([s.embeddings for s in ex]), dtype=np.float32)
-            idx.counts, idx.L = counts, L
-            owner = np.repeat(np.arange(len(ex)), counts)
-            starts = np.cumsum(counts) - counts
-            idx.pos = owner * L + (np.arange(len(owner)) - starts[owner])
-            idx.uniform = bool((counts == L).all())
+            idx.M = RouteMatrix(np.concatenate([s.embeddings for s in ex]), counts)
+            from .. import backends
+
+            idx.topk = backends.choose("route_topk", "cpu")[0].fn
         if ar:
             from .arrow import ArrowIndex
 
@@ -440,28 +445,11 @@ class LoRARouter:
         self._index = idx
 
     def _scores(self, Q: np.ndarray, idx: _Index, exclude: np.ndarray | None = None) -> np.ndarray:
-        """(n, S) mean-of-top-k example similarities, in NumPy (per-call overhead matters at
-        one query). ``exclude``: (n,) example row to leave out per query (leave-one-out)."""
-        n, S = Q.shape[0], len(idx.names)
-        if S == 0:
-            return np.zeros((n, 0), np.float32)
-        sims = Q @ idx.E.T                                   # (n, N): the one matrix product
-        k = min(_TOPK_EXAMPLES, idx.L)
-        if exclude is None and idx.uniform:
-            P = sims.reshape(n, S, idx.L)
-            if k < idx.L:
-                P = np.partition(P, idx.L - k, axis=2)[:, :, idx.L - k:]
-            return P.mean(2)
-        if exclude is not None:
-            sims[np.arange(n), exclude] = -np.inf
-        P = np.full((n, S * idx.L), -np.inf, np.float32)
-        P[:, idx.pos] = sims
-        P = P.reshape(n, S, idx.L)
-        if k < idx.L:
-            P = np.partition(P, idx.L - k, axis=2)[:, :, idx.L - k:]
-        valid = np.isfinite(P)
-        total = np.where(valid, P, 0.0).sum(2)
-        return (total / np.maximum(valid.sum(2), 1)).astype(np.float32)   # no example left: 0
+        """(n, S) mean-of-top-k example similarities. ``exclude``: (n,) example row to leave
+        out per query (leave-one-out)."""
+        if idx.M is None:
+            return np.zeros((Q.shape[0], 0), np.float32)
+        return skill_scores(idx.M, Q, _TOPK_EXAMPLES, exclude)
 
     @staticmethod
     def _top2(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -479,29 +467,41 @@ class LoRARouter:
             raise InputError(f"top_k must be an int >= 1, got {top_k!r}")
         n = E.shape[0]
         names = idx.names
-        parts = []
-        if idx.names:
-            parts.append(self._scores(E, idx) if n <= _CHUNK else np.concatenate(
-                [self._scores(E[i:i + _CHUNK], idx) for i in range(0, n, _CHUNK)]))
-        if arrow_scores is not None and idx.arrow_names:
-            parts.append(np.asarray(arrow_scores, np.float32))
-            names = names + idx.arrow_names
-        if not parts:
+        S = len(names) + (len(idx.arrow_names) if arrow_scores is not None else 0)
+        if S == 0:
             return [RouteResult([], 0.0, 0.0, None) for _ in range(n)]
-        scores = np.concatenate(parts, 1) if len(parts) > 1 else parts[0]
-        S = scores.shape[1]
         k = min(max(top_k, 2), S)
-        rows = np.arange(n)[:, None]
-        ids = np.argpartition(-scores, k - 1, axis=1)[:, :k] if S > k else np.tile(np.arange(S), (n, 1))
-        vals = scores[rows, ids]
-        order = np.argsort(-vals, axis=1, kind="stable")
-        ids, vals = ids[rows, order], vals[rows, order]
+        if arrow_scores is None and n <= _SCAN_BATCH:
+            # the common case (one query, example-backed skills): the exact top-k straight from
+            # the compiled scan, without forming the (n, S) score matrix
+            ids, vals = idx.topk(idx.M, np.ascontiguousarray(E, dtype=np.float32), _TOPK_EXAMPLES, k)
+        else:
+            parts = []
+            if idx.names:
+                parts.append(self._scores(E, idx) if n <= _CHUNK else np.concatenate(
+                    [self._scores(E[i:i + _CHUNK], idx) for i in range(0, n, _CHUNK)]))
+            if arrow_scores is not None and idx.arrow_names:
+                parts.append(np.asarray(arrow_scores, np.float32))
+                names = names + idx.arrow_names
+            scores = np.concatenate(parts, 1) if len(parts) > 1 else parts[0]
+            rows = np.arange(n)[:, None]
+            ids = np.argpartition(-scores, k - 1, axis=1)[:, :k] if S > k else np.tile(np.arange(S), (n, 1))
+            vals = scores[rows, ids]
+            order = np.argsort(-vals, axis=1, kind="stable")
+            ids, vals = ids[rows, order], vals[rows, order]
+        thr, cmap = self.threshold, self.confidence_map
+        if n == 1:
+            # one query: plain floats (NumPy's per-call overhead dominates at this size)
+            v, ids0 = vals[0].tolist(), ids[0].tolist()
+            margin = v[0] - (v[1] if k > 1 else 0.0)
+            c = cmap.one(v[0], margin)
+            ranked = [(names[j], x) for j, x in zip(ids0[:top_k], v[:top_k])]
+            return [RouteResult(ranked, c, margin, ranked[0][0] if c >= thr else None)]
         s1 = vals[:, 0]
         margin = s1 - (vals[:, 1] if k > 1 else 0.0)
-        conf = self.confidence_map(s1, margin)
+        conf = cmap(s1, margin)
         vals_l, ids_l = vals[:, :top_k].tolist(), ids[:, :top_k].tolist()
         margin_l, conf_l = margin.tolist(), conf.tolist()
-        thr = self.threshold
         out = []
         for i in range(n):
             ranked = [(names[j], v) for j, v in zip(ids_l[i], vals_l[i])]
@@ -515,7 +515,7 @@ class LoRARouter:
         rows = np.arange(N)
         if N > max_examples:
             rows = np.sort(np.random.default_rng(seed).choice(N, max_examples, replace=False))
-        owner = np.repeat(np.arange(len(idx.names)), idx.counts)
+        owner = np.repeat(np.arange(len(idx.names)), idx.M.counts)
         score, margin, label = [], [], []
         for i in range(0, len(rows), _CHUNK):
             r = rows[i:i + _CHUNK]
