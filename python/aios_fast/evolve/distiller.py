@@ -811,34 +811,45 @@ class SkillDistiller:
         return e
 
     def _tier3(self, request):
+        """Probe the node's encoder on the request's queries, extract the stronger model's
+        weight delta where the heat map says the topic lives, and keep it only if it passes
+        the same gate as a distilled skill (on every passage's inverse-cloze questions: the
+        card never saw them, it was not trained here)."""
         if self.tier != "super":
             return None, {"reason": f"tier 3 runs on a Super node; this node is {self.tier}"}
         if self.stronger_model is None:
             return None, {"reason": "no stronger_model configured for extraction"}
+        if self.cloud.index is None and self.docs is None and self.urls is None:
+            return None, {"reason": "no documents or URLs to gate an extracted skill on"}
         from ..extract.extractor import LoRAExtractor
-        from ..learn.gate import validate
         from ..probe.probe import WeightMapProbe
-
-        t0 = time.perf_counter()
-        enc = self.node.encoder
-        probe = WeightMapProbe(enc, modules=r"attention\.self\.(query|value)$")
-        heat = probe.probe(list(request.queries), baseline_inputs=guard_texts())
-        name = skill_name_for(request.queries, request.topic_id)
-        card = LoRAExtractor(rank=8).extract_from_heat_map(self.stronger_model, enc.model, heat, rank_budget=64,
-                                                           name=name)
-        # gate on pairs the documents give (no teacher): the extracted delta must help retrieval
-        if self.cloud.index is None and self.docs is None:
-            return None, {"reason": "extracted a card but have no documents to gate it on"}
-        passages, _ = self.cloud._ground(list(request.queries), self.docs, self.urls, {"timings": {}, "stages": []})
         from .pairs import inverse_cloze_pairs
 
-        held = [(p.query, p.answer) for p in inverse_cloze_pairs(passages, 1, seed=7)]
-        v = validate(card, enc, held, self.cloud.guard)
-        sub = {"gate": v.to_dict(), "seconds": round(time.perf_counter() - t0, 3)}
-        if not v.passed:
-            sub["reason"] = "the gate refused the extracted skill: " + "; ".join(v.reasons)
+        t0 = time.perf_counter()
+        cfg, enc = self.cloud.config, self.node.encoder
+        sub: dict[str, Any] = {"timings": {}, "stages": []}
+        try:
+            passages, _ = self.cloud._ground(list(request.queries), self.docs, self.urls, sub)
+            held = inverse_cloze_pairs(passages, cfg.ict_per_passage, seed=cfg.seed)
+            if len(held) < cfg.min_heldout:
+                raise _NoCard(f"thin data: {len(held)} inverse-cloze questions to gate on, need {cfg.min_heldout}")
+            heat = WeightMapProbe(enc, modules=cfg.target_modules).probe(
+                list(request.queries), baseline_inputs=guard_texts())
+            card = LoRAExtractor(rank=cfg.rank).extract_from_heat_map(
+                self.stronger_model, enc.model, heat, rank_budget=cfg.rank * 16,
+                name=skill_name_for(request.queries, request.topic_id))
+            sub["modules"] = len(card.modules)
+            self.cloud._gate(card, held, [], sub)
+        except _NoCard as why:
+            sub["reason"] = str(why)
             return None, sub
-        entry = self.node.library.add(card, list(request.queries), origin="extracted", validation=v.to_dict())
+        except InputError as exc:   # e.g. a stronger model that does not differ from the base
+            sub["reason"] = f"extraction from the stronger model failed: {exc}"
+            return None, sub
+        finally:
+            sub["seconds"] = round(time.perf_counter() - t0, 3)
+        card.metadata["source"] = "aios_fast.evolve.SkillDistiller tier 3 (probe + extraction)"
+        entry = self.node.library.add(card, list(request.queries), origin="extracted", validation=sub["gate"])
         return entry, sub
 
 
