@@ -1,13 +1,20 @@
 """Training-time LoRA injection: trainable A, B beside frozen ``nn.Linear`` layers.
 
 ``y = base(x) + scaling · (x Aᵀ) Bᵀ`` (Hu et al. 2021, "LoRA"), PEFT's orientation: A (r, in),
-B (out, r). Init ``"default"`` is PEFT's: A Kaiming-uniform (a=√5), B zeros, so training starts at
-the base model. Init ``"pissa"`` (Meng et al. 2024, "PiSSA: Principal Singular values and Singular
+B (out, r). The wrapper is the serving one, :class:`aios_fast.lora.layer.LoRALayer`, holding a
+trainable adapter (:meth:`~aios_fast.lora.layer.LoRALayer.add_trainable_adapter`) named
+:data:`TRAIN_ADAPTER`: training, serving, merging and the scope rules share one forward and
+one set of refusals, and a card the trainer exports from it is served by ``LoRAManager``
+through the same code.
+
+Init ``"default"`` is PEFT's: A Kaiming-uniform (a=√5), B zeros, so training starts at the base
+model. Init ``"pissa"`` (Meng et al. 2024, "PiSSA: Principal Singular values and Singular
 vectors Adaptation") starts A, B at the principal factors of W and trains on the residual
 ``W_res = W − scaling·B₀A₀`` kept in the base during training.
 
-:func:`injected` swaps the layers in and, on exit (also on error), swaps the original modules
-back and copies the saved original weights into place, so the base model is bit-identical.
+:func:`injected` wraps the layers (or adds to an existing wrapper) and, on exit (also on error),
+removes its adapters, unwraps layers left without any, and copies the saved original weights
+into place, so the base model is bit-identical. Cards a ``LoRAManager`` applies meanwhile stay.
 """
 
 from __future__ import annotations
@@ -17,31 +24,24 @@ from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CardMismatchError, InputError
+from ..lora.layer import LoRALayer, geometry_of, model_lock, unwrap_if_empty, wrap_module
 
-__all__ = ["LoRALinear", "resolve_targets", "init_factors", "injected", "DEFAULT_TARGETS"]
+__all__ = ["LoRALinear", "TRAIN_ADAPTER", "resolve_targets", "init_factors", "injected", "DEFAULT_TARGETS"]
 
 # what PEFT targets by default for these families: attention query and value projections
 DEFAULT_TARGETS = ("query", "value", "q_proj", "v_proj", "q_lin", "v_lin")
 
+#: Name of the trainer's adapter inside each wrapped layer (distinct from any card's name, so
+#: a card can be served on the same layers during training).
+TRAIN_ADAPTER = "aios_fast_train"
 
-class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a trainable low-rank update."""
-
-    def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
-        super().__init__()
-        self.base = base
-        self.lora_A = nn.Parameter(A)
-        self.lora_B = nn.Parameter(B)
-        self.scaling = float(scaling)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # scale the rank-r intermediate, not the (.., out) result: r << out, so it is cheaper
-        return self.base(x) + F.linear(F.linear(x, self.lora_A.to(x.dtype)) * self.scaling,
-                                       self.lora_B.to(x.dtype))
+# Former name of the training wrapper, kept because tests and callers check
+# ``isinstance(m, LoRALinear)`` to see that training left no wrapper behind; the training
+# layers are LoRALayers now, so the check keeps its meaning (and covers served wrappers too).
+LoRALinear = LoRALayer
 
 
 def resolve_targets(model: nn.Module, target_modules: Sequence[str] | str | None) -> list[str]:
@@ -55,12 +55,15 @@ def resolve_targets(model: nn.Module, target_modules: Sequence[str] | str | None
     are never candidates.
     """
     from ..cards.naming import select_modules
-    from ..lora.layer import geometry_of
 
     mods = dict(model.named_modules())
     linears = {}
     for n, m in mods.items():
-        if isinstance(m, nn.Linear):
+        # a wrapped layer (cards applied) is a candidate under its own name, never its inner
+        # base_layer: its trainable adapter goes into the same wrapper
+        if n.endswith(".base_layer") and isinstance(mods.get(n.rpartition(".")[0]), LoRALayer):
+            continue
+        if (isinstance(m, LoRALayer) and m.geometry.kind == "linear") or isinstance(m, nn.Linear):
             try:
                 geometry_of(m, n, mods.get(n.rpartition(".")[0]))
             except CardMismatchError:
@@ -128,41 +131,46 @@ def init_factors(model: nn.Module, keys: Sequence[str], rank: int, scaling: floa
 
 @contextmanager
 def injected(model: nn.Module, A: dict, B: dict, scaling: float, residual: dict | None = None,
-             train: bool = True) -> Iterator[dict[str, LoRALinear]]:
-    """Swap :class:`LoRALinear` layers (A, B as given, made trainable parameters on the model's
-    device) into ``model``; freeze every other parameter. Restores modules, weights,
-    ``requires_grad`` flags and train/eval mode on exit."""
+             train: bool = True, dropout: float = 0.0) -> Iterator[dict[str, LoRALayer]]:
+    """Wrap each key's layer in a :class:`LoRALayer` (or use the wrapper already there) holding
+    the trainable adapter :data:`TRAIN_ADAPTER` (A, B as given, float32 parameters on the
+    model's device: ``layer.lora_A[TRAIN_ADAPTER]``, ``layer.lora_B[TRAIN_ADAPTER]``); freeze
+    every other parameter. Restores modules, weights, ``requires_grad`` flags and train/eval
+    mode on exit; wrappers that still hold a card (applied meanwhile) stay, minus the adapter."""
     mods = dict(model.named_modules())
     was_training = model.training
-    grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    # by object, not by name: a wrapper that stays (a card applied meanwhile) renames its base
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     saved_weights: dict[str, torch.Tensor] = {}
-    swapped: dict[str, tuple[nn.Module, str, nn.Linear]] = {}
-    layers: dict[str, LoRALinear] = {}
+    layers: dict[str, LoRALayer] = {}
+    lock = model_lock(model)
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         for k in A:
-            lin = mods[k]
-            w = lin.weight
+            w = mods[k].weight  # a wrapper's weight is its base layer's
+            with lock:
+                layer = wrap_module(model, k)
+                layers[k] = layer
+                # float32 master weights, copied: the caller's tensors are never trained in place
+                layer.add_trainable_adapter(TRAIN_ADAPTER, A[k].to(w.device, torch.float32).clone(),
+                                            B[k].to(w.device, torch.float32).clone(), scaling,
+                                            dropout=dropout)
             if residual and k in residual:
                 saved_weights[k] = w.detach().clone()
                 with torch.no_grad():
                     w.copy_(residual[k].to(w.device, w.dtype))
-            parent_name, _, attr = k.rpartition(".")
-            parent = mods[parent_name] if parent_name else model
-            layer = LoRALinear(lin, A[k].to(w.device, torch.float32).clone(),
-                               B[k].to(w.device, torch.float32).clone(), scaling)
-            setattr(parent, attr, layer)
-            swapped[k] = (parent, attr, lin)
-            layers[k] = layer
         model.train(train)
         yield layers
     finally:
-        for k, (parent, attr, lin) in swapped.items():
-            setattr(parent, attr, lin)
+        with lock:
+            for k, layer in layers.items():
+                if TRAIN_ADAPTER in layer.adapters:
+                    layer.remove_adapter(TRAIN_ADAPTER)
+                unwrap_if_empty(model, k)
         with torch.no_grad():
             for k, w in saved_weights.items():
                 mods[k].weight.copy_(w)
-        for n, p in model.named_parameters():
-            p.requires_grad_(grad_flags.get(n, p.requires_grad))
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
         model.train(was_training)

@@ -28,7 +28,7 @@ import torch
 from .._atomic import save_figure
 from ..errors import InputError, TrainingDivergedError
 from ._engine import as_engine, as_pairs
-from ._inject import init_factors, injected, resolve_targets
+from ._inject import TRAIN_ADAPTER, init_factors, injected, resolve_targets
 from .recipe import ContrastiveData, lr_factor, plan_batches
 
 __all__ = ["LoRATrainer", "TrainConfig", "TrainingReport"]
@@ -185,8 +185,10 @@ class LoRATrainer:
         dev = torch.device(device) if device else home
         keys = resolve_targets(model, cfg.target_modules)
         from ..cards import fingerprint_model
+        from ..lora.layer import base_state_dict
 
-        fingerprint = fingerprint_model(model)
+        # the base model's, as LoRAManager computes it (cards applied meanwhile left out)
+        fingerprint = fingerprint_model(base_state_dict(model))
         report = TrainingReport(objective=cfg.objective, device=str(dev), config=_jsonable(cfg),
                                 target_modules=keys)
         cuda_ids = [dev.index if dev.index is not None else torch.cuda.current_device()] \
@@ -204,8 +206,10 @@ class LoRATrainer:
                 with injected(model, A0, B0, cfg.scaling, residual, train=True) as layers:
                     self._loop(cfg, data, layers, gen, report, progress, prep)
                     model.eval()
-                    A = {k: l.lora_A.detach().to("cpu", torch.float32).clone() for k, l in layers.items()}
-                    B = {k: l.lora_B.detach().to("cpu", torch.float32).clone() for k, l in layers.items()}
+                    A = {k: l.lora_A[TRAIN_ADAPTER].detach().to("cpu", torch.float32).clone()
+                         for k, l in layers.items()}
+                    B = {k: l.lora_B[TRAIN_ADAPTER].detach().to("cpu", torch.float32).clone()
+                         for k, l in layers.items()}
                     if on_trained is not None:
                         with torch.no_grad():
                             on_trained(model)
@@ -225,7 +229,7 @@ class LoRATrainer:
               prep: ContrastiveData | None = None) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-        params = [p for l in layers.values() for p in (l.lora_A, l.lora_B)]
+        params = [p for l in layers.values() for p in (l.lora_A[TRAIN_ADAPTER], l.lora_B[TRAIN_ADAPTER])]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         # every epoch's batches up front (ragged rest dropped: in-batch negatives need size)
         plan = prep.plan(gen) if prep is not None else plan_batches(

@@ -12,6 +12,20 @@ order (first match wins), as in PEFT: :func:`dispatch_linear` (``nn.Linear`` and
 then :func:`dispatch_conv1d` (transformers' GPT-2 ``Conv1D``, whose weight is stored
 ``(in, out)``: the transpose is handled at merge time, the forward formula is unchanged).
 
+One wrapper for serving and training (as PEFT's ``LoraLayer``): besides the served cards
+(frozen factors in the base weight's dtype, global or scoped), a layer can hold *trainable*
+adapters (:meth:`LoRALayer.add_trainable_adapter`): ``lora_A`` / ``lora_B`` ``nn.Parameter``s
+registered on the layer (so ``model.parameters()``, optimisers and ``model.to()`` see them),
+kept in float32 and cast to the input's dtype in the forward, with optional dropout on the
+adapter's input. They go through the same forward, the same table, the same refusal rules
+(:func:`geometry_of`) and the same :func:`base_only` scope as served cards (a trainable adapter
+counts like a global one). The trainer (:mod:`aios_fast.learn._inject`) injects them with
+:func:`wrap_module` / :func:`unwrap_if_empty`, the manager's own wrapping code. While a layer
+holds a trainable adapter nothing can be merged into it: its base weight may hold a PiSSA
+residual the trainer swaps back at the end (a merge would be lost or corrupt the restore),
+and a merged trainable adapter would stop receiving gradients. Served cards can still be
+applied on top (globally or scoped); they are added on the fly.
+
 Thread safety: the adapter table is copy-on-write (every change builds a new dict and swaps
 it in one assignment), so a forward running in another thread always iterates one consistent
 snapshot. Which *scoped* adapters a forward uses comes from a :class:`contextvars.ContextVar`
@@ -32,6 +46,8 @@ threads run the model; do it between requests.
 from __future__ import annotations
 
 import contextvars
+import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterator, Mapping
@@ -39,12 +55,16 @@ from typing import Callable, Hashable, Iterator, Mapping
 import torch
 from torch import nn
 
-from ..errors import CardMismatchError
+from ..errors import CardMismatchError, InputError
 
 __all__ = [
     "ACTIVE_SCOPED",
     "Adapter",
     "base_only",
+    "base_state_dict",
+    "model_lock",
+    "unwrap_if_empty",
+    "wrap_module",
     "LayerGeometry",
     "LoRALayer",
     "DISPATCHERS",
@@ -186,6 +206,10 @@ class Adapter:
     weight: float | None = 1.0
     merged: bool = False
     owner: Hashable = None
+    # Trainable adapters: A and B are the layer's registered nn.Parameters (float32 master
+    # weights, cast to the input's dtype in the forward), ``dropout`` acts on the adapter's input.
+    trainable: bool = False
+    dropout: nn.Module | None = field(default=None, repr=False)
     # B pre-multiplied by weight·scaling for global adapters (saves one op per forward). Made
     # here, eagerly and outside inference mode: a lazily cached product made during an
     # inference-mode forward would be an inference tensor and break later autograd forwards.
@@ -193,7 +217,8 @@ class Adapter:
 
     def __post_init__(self) -> None:
         self.A, self.B = _ordinary(self.A), _ordinary(self.B)
-        if self.weight is not None and self._B_scaled is None:
+        # a trainable B changes every step: nothing may be pre-multiplied from it
+        if self.weight is not None and self._B_scaled is None and not self.trainable:
             with torch.inference_mode(False), torch.no_grad():
                 self._B_scaled = (self.B * (self.weight * self.scaling)).contiguous()
 
@@ -216,7 +241,7 @@ class Adapter:
 
     def with_merged(self, merged: bool) -> "Adapter":
         return Adapter(self.name, self.A, self.B, self.scaling, self.weight, merged, self.owner,
-                       self._B_scaled)
+                       self.trainable, self.dropout, self._B_scaled)
 
 
 def _add_lora(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -266,10 +291,12 @@ class LoRALayer(nn.Module):
     def _adapters(self, table: dict[str, Adapter]) -> None:
         # Copy-on-write: the table and the forward's pre-sorted views are swapped in together
         # (one attribute assignment), so a concurrent forward sees either all old or all new.
-        glob = tuple(a for a in table.values() if a.weight is not None and not a.merged)
+        live = [a for a in table.values() if a.weight is not None and not a.merged]
+        glob = tuple(a for a in live if not a.trainable)
+        trainable = tuple(a for a in live if a.trainable)
         scoped = tuple(a for a in table.values() if a.weight is None)
         merged = tuple(a for a in table.values() if a.merged)
-        object.__setattr__(self, "_table", (table, glob, scoped, merged))
+        object.__setattr__(self, "_table", (table, glob, trainable, scoped, merged))
 
     @property
     def adapters(self) -> Mapping[str, Adapter]:
@@ -284,13 +311,9 @@ class LoRALayer(nn.Module):
         w = self.base_layer.weight
         return w.device, w.dtype
 
-    def add_adapter(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float,
-                    weight: float | None = 1.0, owner: Hashable = None) -> None:
-        """Register adapter ``name``; ``A`` and ``B`` are converted to the base weight's device
-        and dtype (no copy when they already match). ``weight=None`` makes it scoped: it then
-        counts where :data:`ACTIVE_SCOPED` holds ``(owner, name)``."""
+    def _check_new(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
         geo = self.geometry
-        r = A.shape[0]
+        r = A.shape[0] if A.ndim else 0
         if A.ndim != 2 or B.ndim != 2 or A.shape[1] != geo.in_features or B.shape != (geo.out_features, r):
             raise CardMismatchError(
                 f"adapter {name!r}: A {tuple(A.shape)} and B {tuple(B.shape)} do not fit a layer with "
@@ -298,12 +321,52 @@ class LoRALayer(nn.Module):
                 f"A (r, {geo.in_features}) and B ({geo.out_features}, r)")
         if name in self._adapters:
             raise CardMismatchError(f"adapter {name!r} is already present in this layer")
+
+    def add_adapter(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float,
+                    weight: float | None = 1.0, owner: Hashable = None) -> None:
+        """Register adapter ``name``; ``A`` and ``B`` are converted to the base weight's device
+        and dtype (no copy when they already match). ``weight=None`` makes it scoped: it then
+        counts where :data:`ACTIVE_SCOPED` holds ``(owner, name)``."""
+        self._check_new(name, A, B)
         device, dtype = self._target()
         ad = Adapter(name, A, B, float(scaling), None if weight is None else float(weight),
                      owner=owner).moved(device, dtype)
         table = dict(self._adapters)
         table[name] = ad
         self._adapters = table  # one assignment: readers see the old or the new table
+
+    def add_trainable_adapter(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, *,
+                              dropout: float = 0.0, dtype: torch.dtype = torch.float32) -> None:
+        """Register a trainable adapter ``name``: ``A`` and ``B`` become ``nn.Parameter``s
+        (``requires_grad=True``) ``self.lora_A[name]`` / ``self.lora_B[name]`` on the base
+        weight's device in ``dtype`` (float32 master weights whatever the model's dtype; the
+        forward casts them to the input's dtype). No copy when they already match, so the
+        parameters may share memory with ``A`` and ``B``. ``dropout`` is applied to the
+        adapter's input in training mode (``0``: none, and no random numbers drawn). The
+        adapter counts in every forward like a global one of weight 1 (and is hidden by
+        :func:`base_only`); while it is present nothing can be merged into this layer."""
+        self._check_new(name, A, B)
+        if not name or "." in name:  # it names parameters: lora_A.<name>
+            raise InputError(f"trainable adapter name must be non-empty without '.', got {name!r}")
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise InputError(f"adapter {name!r}: dropout must be a number in [0, 1), got {dropout!r}")
+        if self.merged_names:
+            raise InputError(f"adapter {name!r}: this layer has merged adapters {self.merged_names}; "
+                             f"unmerge them before adding a trainable adapter")
+        device = self._target()[0]
+        with torch.inference_mode(False):  # parameters must be ordinary tensors (autograd)
+            pa = nn.Parameter(_ordinary(A.detach()).to(device=device, dtype=dtype), requires_grad=True)
+            pb = nn.Parameter(_ordinary(B.detach()).to(device=device, dtype=dtype), requires_grad=True)
+        drop = nn.Dropout(float(dropout)) if dropout > 0 else nn.Identity()
+        if "lora_A" not in self._modules:  # created on first use: served-only layers stay lean
+            self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
+            self.lora_dropout = nn.ModuleDict()
+        self.lora_A[name], self.lora_B[name] = pa, pb
+        self.lora_dropout[name] = drop
+        drop.train(self.training)
+        table = dict(self._adapters)
+        table[name] = Adapter(name, pa, pb, float(scaling), 1.0, trainable=True, dropout=drop)
+        self._adapters = table
 
     def remove_adapter(self, name: str) -> Adapter:
         """Unregister adapter ``name`` (unmerging it first if merged) and return it."""
@@ -314,12 +377,20 @@ class LoRALayer(nn.Module):
         table = dict(self._adapters)
         ad = table.pop(name)
         self._adapters = table
+        if ad.trainable:
+            del self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+            if not len(self.lora_A):
+                del self.lora_A, self.lora_B, self.lora_dropout
         return ad
+
+    @property
+    def trainable_names(self) -> list[str]:
+        return [n for n, a in self._adapters.items() if a.trainable]
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
-        _, glob, scoped, merged = self._table  # one snapshot: safe against concurrent add/remove
+        _, glob, trainable, scoped, merged = self._table  # one snapshot: safe against concurrent add/remove
         if _BASE_ONLY.get():
             # base_only(): this context measures the base model; cancel what is merged in.
             for ad in merged:
@@ -327,6 +398,9 @@ class LoRALayer(nn.Module):
         else:
             for ad in glob:  # global, unmerged: B already carries weight·scaling
                 out = _add_lora(out, x, ad.A, ad.b_scaled(), 1.0)
+            for ad in trainable:  # float32 parameters, cast (with autograd) to the input's dtype
+                out = _add_lora(out, ad.dropout(x), ad.A.to(x.dtype), ad.B.to(x.dtype),
+                                ad.weight * ad.scaling)
         if scoped:
             active = ACTIVE_SCOPED.get()
             if active:  # scoped adapters count only where the current context entered them
@@ -346,6 +420,7 @@ class LoRALayer(nn.Module):
         ad = self._adapters[name]
         if ad.scoped:
             raise CardMismatchError(f"adapter {name!r} is scoped to a request and cannot be merged")
+        self.check_mergeable(name)
         if ad.merged:
             return
         w = self.base_layer.weight
@@ -379,6 +454,16 @@ class LoRALayer(nn.Module):
                 w.copy_((w.float() - self._delta_in_weight_layout(ad)).to(w.dtype))
         self._adapters = table
 
+    def check_mergeable(self, name: str) -> None:
+        """Raise :class:`InputError` when ``name`` cannot be merged because this layer holds a
+        trainable adapter (see the module docstring: the base weight is the trainer's)."""
+        if self.trainable_names:
+            raise InputError(
+                f"cannot merge adapter {name!r}: the layer holds trainable adapter(s) "
+                f"{self.trainable_names}; its base weight belongs to the training run (it may hold "
+                f"a PiSSA residual that is restored afterwards, and a merged trainable adapter gets "
+                f"no gradient). Merge after training, from the exported card")
+
     @property
     def merged_names(self) -> list[str]:
         return [n for n, a in self._adapters.items() if a.merged]
@@ -389,13 +474,84 @@ class LoRALayer(nn.Module):
         # (and the exact copy) follow the base weight's device and dtype.
         super()._apply(fn, *args, **kwargs)
         device, dtype = self._target()
-        self._adapters = {n: a if (a.A.device == device and a.A.dtype == dtype) else a.moved(device, dtype)
-                          for n, a in self._adapters.items()}
+        table = {}
+        for n, a in self._adapters.items():
+            if a.trainable:  # moved by nn.Module itself; follow it if it swapped the objects
+                pa, pb = self.lora_A[n], self.lora_B[n]
+                table[n] = a if (a.A is pa and a.B is pb) else Adapter(
+                    n, pa, pb, a.scaling, a.weight, trainable=True, dropout=a.dropout)
+            elif a.A.device == device and a.A.dtype == dtype:
+                table[n] = a
+            else:
+                table[n] = a.moved(device, dtype)
+        self._adapters = table
         if self._base_copy is not None:
             self._base_copy = self._base_copy.to(device=device, dtype=dtype)
         return self
 
     def extra_repr(self) -> str:
         names = ", ".join(f"{n}{'*' if a.merged else ''}{'(scoped)' if a.scoped else ''}"
-                          for n, a in self._adapters.items())
+                          f"{'(trainable)' if a.trainable else ''}" for n, a in self._adapters.items())
         return f"kind={self.geometry.kind}, adapters=[{names}]"
+
+
+# ---------------------------------------------------------------------- wrapping a model's layers
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """One lock per model, shared by everything that wraps or unwraps its layers (every
+    :class:`LoRAManager` on it, the validation gate's own manager, the trainer's injection)."""
+    with _LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
+
+
+def wrap_module(model: nn.Module, mod_name: str, *, exact_unmerge: bool = True) -> LoRALayer:
+    """The :class:`LoRALayer` at ``mod_name``: the existing one, or a new one put in the
+    parent's place (the refusal rules of :func:`geometry_of` apply). Call under
+    :func:`model_lock`."""
+    mod = model.get_submodule(mod_name)
+    if isinstance(mod, LoRALayer):
+        return mod
+    if not mod_name:
+        raise CardMismatchError("the root module cannot be wrapped; wrap it in a container to adapt it")
+    parent_name, _, child = mod_name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    layer = LoRALayer(mod, geometry_of(mod, mod_name, parent), exact_unmerge=exact_unmerge)
+    layer.train(mod.training)
+    setattr(parent, child, layer)
+    return layer
+
+
+def unwrap_if_empty(model: nn.Module, mod_name: str) -> None:
+    """Put the original module object back at ``mod_name`` when its wrapper holds no adapter
+    any more (of any kind). Call under :func:`model_lock`."""
+    layer = model.get_submodule(mod_name)
+    if isinstance(layer, LoRALayer) and not layer.adapters:
+        parent_name, _, child = mod_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.base_layer)
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` as it would be with no adapter: wrapper names
+    (``...base_layer.weight``) mapped back, trainable factors left out, merged layers'
+    original weights (raises :class:`InputError` for merged layers without an exact copy).
+    Equal to ``model.state_dict()`` for a model without wrappers."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
+    own = tuple(f"{n}.{d}." if n else f"{d}." for n in layers for d in ("lora_A", "lora_B"))
+    sd = {}
+    for k, v in model.state_dict().items():
+        if own and k.startswith(own):
+            continue
+        sd[k.replace(".base_layer.", ".")] = v
+    for mod_name, layer in layers.items():
+        if layer._base_copy is not None:
+            sd[f"{mod_name}.weight" if mod_name else "weight"] = layer._base_copy
+        elif layer.merged_names:
+            raise InputError("base weights of merged layers are not kept "
+                             "(exact_unmerge=False); unmerge first")
+    return sd

@@ -23,14 +23,14 @@ weight is not a plain floating-point tensor) and ``nn.MultiheadAttention.out_pro
 weight, never called).
 
 Merging and unmerging write the shared base weights in place: do them between requests, not
-while other threads run the model.
+while other threads run the model. A layer can also hold a trainer's *trainable* adapter (one
+wrapper class, :class:`LoRALayer`, for both): cards apply on top of it, added on the fly, but
+merging into such a layer is refused until training ends.
 """
 
 from __future__ import annotations
 
 import itertools
-import threading
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from os import PathLike
@@ -41,7 +41,8 @@ from torch import nn
 
 from ..cards import naming as _naming
 from ..errors import CardMismatchError, InputError
-from .layer import ACTIVE_SCOPED, DISPATCHERS, LayerGeometry, LoRALayer, geometry_of
+from .layer import (ACTIVE_SCOPED, DISPATCHERS, LayerGeometry, LoRALayer, base_state_dict, geometry_of,
+                    model_lock, unwrap_if_empty, wrap_module)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..cards import LoRACard
@@ -50,18 +51,6 @@ __all__ = ["LoRAManager"]
 
 _BASE = ".base_layer"
 _SERIAL = itertools.count(1)
-_MODEL_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def _model_lock(model: nn.Module) -> threading.RLock:
-    """One lock per model, shared by every manager on it: wrapping and unwrapping layers (and
-    the validation gate's own manager) must not race another manager on the same model."""
-    with _LOCKS_GUARD:
-        lock = _MODEL_LOCKS.get(model)
-        if lock is None:
-            lock = _MODEL_LOCKS[model] = threading.RLock()
-        return lock
 
 
 class _Owner:
@@ -117,7 +106,7 @@ class LoRAManager:
         self.exact_unmerge = exact_unmerge
         self._entries: dict[str, _Entry] = {}
         self._loaded: dict[str, "LoRACard"] = {}
-        self._lock = _model_lock(model)
+        self._lock = model_lock(model)
         self._owner = _Owner()
 
     # ================================================================== public API
@@ -168,9 +157,14 @@ class LoRAManager:
 
     def merge(self, name: str | None = None) -> None:
         """Merge applied card ``name`` (or every applied card) into the base weights; merged
-        inference then costs nothing extra. Not safe while other threads run the model."""
+        inference then costs nothing extra. Not safe while other threads run the model.
+        Refused (nothing merged) while a target layer holds a trainable adapter."""
         with self._lock:
-            for n in self._names(name):
+            names = self._names(name)
+            for n in names:  # validate all, then merge all
+                for mod_name in self._entries[n].targets.values():
+                    self._layer(mod_name).check_mergeable(n)
+            for n in names:
                 entry = self._entries[n]
                 for mod_name in entry.targets.values():
                     self._layer(mod_name).merge(n)
@@ -230,23 +224,11 @@ class LoRAManager:
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state dict as it would be with no card applied: wrapper names
-        (``...base_layer.weight``) mapped back and merged layers' original weights."""
-        sd = {}
-        for k, v in self.model.state_dict().items():
-            sd[k.replace(_BASE + ".", ".")] = v
+        (``...base_layer.weight``) mapped back, trainable factors left out and merged layers'
+        original weights (of every wrapped layer, not only this manager's: a layer merged by
+        another manager must still report its original weight)."""
         with self._lock:
-            # Every wrapped layer, not only this manager's: a layer merged by another manager
-            # (or by the caller, when the validation gate measures on its own manager) must
-            # still report its original weight.
-            for mod_name, layer in self.model.named_modules():
-                if not isinstance(layer, LoRALayer):
-                    continue
-                if layer._base_copy is not None:
-                    sd[f"{mod_name}.weight" if mod_name else "weight"] = layer._base_copy
-                elif layer.merged_names:
-                    raise InputError("base weights of merged layers are not kept "
-                                     "(exact_unmerge=False); unmerge first")
-        return sd
+            return base_state_dict(self.model)
 
     def fingerprint(self) -> str:
         """``fingerprint_model`` of the base model, as if no card were applied (recomputed on
@@ -416,22 +398,12 @@ class LoRAManager:
             raise
 
     def _wrap(self, mod_name: str) -> LoRALayer:
-        mod = self.model.get_submodule(mod_name)
-        if isinstance(mod, LoRALayer):
-            return mod
-        layer = LoRALayer(mod, geometry_of(mod, mod_name), exact_unmerge=self.exact_unmerge)
-        layer.train(mod.training)
-        parent_name, _, child = mod_name.rpartition(".")
-        setattr(self.model.get_submodule(parent_name), child, layer)
-        return layer
+        return wrap_module(self.model, mod_name, exact_unmerge=self.exact_unmerge)
 
     def _remove_from(self, mod_name: str, adapter: str) -> None:
-        layer = self._layer(mod_name)
-        layer.remove_adapter(adapter)
-        if not layer.adapters:
-            # Last adapter gone: put the original module object back in its parent.
-            parent_name, _, child = mod_name.rpartition(".")
-            setattr(self.model.get_submodule(parent_name), child, layer.base_layer)
+        self._layer(mod_name).remove_adapter(adapter)
+        # last adapter gone (a trainer's trainable one counts too): the original module returns
+        unwrap_if_empty(self.model, mod_name)
 
     def _unregister(self, name: str, entry: _Entry) -> None:
         for mod_name in entry.targets.values():
