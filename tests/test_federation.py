@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -151,6 +152,45 @@ def test_publish_list_fetch_bytes_identical(nodes, tmp_path):
         assert c.health()["cards"] == 1 and c.health()["key_id"] == a.key_id
 
 
+def test_fetch_into_library_moves_the_checked_file_and_the_library_still_verifies(nodes, tmp_path):
+    """The library takes the quarantine's own file (moved, not copied or hashed again) and still
+    loads it with verify=True: a card whose own checksum is wrong, signed by hand by a trusted
+    publisher (``Manifest.for_card`` refuses to), passes the quarantine (its bytes are the signed
+    ones) and is refused by the library's checksum check; nothing of it is left behind."""
+    from dataclasses import replace
+
+    from aios_fast.errors import CardFormatError
+    from aios_fast.route.library import SkillLibrary
+
+    a, b = nodes
+    lib = SkillLibrary(tmp_path / "lib")
+    good = make_card(tmp_path / "good.lora.arrow", name="good")
+    m = a.publish(good)
+    entry = b.fetch_skill("good", library=lib)
+    assert entry.path.read_bytes() == good.read_bytes() and entry.content_hash == m.id == card_id(entry.path)
+    assert entry.origin == "peer" and lib.load_card(entry).name == "good"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert entry.path.stat().st_mode & 0o777 == 0o666 & ~umask  # as a copy would have been
+    assert list(b.quarantine.directory.iterdir()) == []
+
+    bad = make_card(tmp_path / "bad.lora.arrow", name="bad", seed=1)
+    honest = Manifest.for_card(bad, a.key)
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0x01   # a tensor byte: still finite, the card's checksum is now wrong
+    bad.write_bytes(bytes(data))
+    assert LoRAFormat.inspect(bad)["checksum"] == "mismatch"
+    forged = replace(honest, id=card_id(bad)).signed(a.key)
+    a.store.add_file(bad, forged)
+    with pytest.raises(CardFormatError, match="checksum mismatch"):
+        b.fetch_skill(forged.id, library=lib)
+    assert b.reports[-1]["ok"] and b.reports[-1]["id"] == forged.id   # the quarantine let it through
+    assert lib.find_by_hash(forged.id) is None and lib.names() == ["good"]
+    assert list(b.quarantine.directory.iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "lib" / "cards").iterdir() if p.suffix == ".arrow") == \
+        ["good@v1.lora.arrow"]
+
+
 def test_revoke_needs_publisher_signature(nodes, tmp_path):
     a, b = nodes
     m = a.publish(make_card(tmp_path / "r.lora.arrow"))
@@ -264,6 +304,23 @@ def test_attack_peer_sends_more_than_the_manifest_says(nodes, tmp_path):
     with pytest.raises(FederationError, match="sent more than"):
         b.fetch_skill("long")
     assert list(b.quarantine.directory.iterdir()) == []
+
+
+def test_attack_peer_sends_less_than_the_manifest_says(nodes, tmp_path):
+    """A short transfer: refused at 'size' by the quarantine; fetched directly, the file holds
+    exactly the bytes received (the blocks reserved for the rest are given back)."""
+    a, b = nodes
+    m = a.publish(make_card(tmp_path / "c.lora.arrow", name="short", layers=4, rank=64))
+    stored = a.store.card_path(m.id)
+    stored.write_bytes(stored.read_bytes()[: m.size // 4])
+    with pytest.raises(QuarantineError, match="rejected at check 'size'"):
+        b.fetch_skill("short")
+    assert list(b.quarantine.directory.iterdir()) == []
+    with FederationClient(a.location, TOKEN) as c:
+        f = c.fetch(m, tmp_path / "q")
+    st = f.path.stat()
+    assert f.size == st.st_size == m.size // 4 and f.sha256 != m.id
+    assert st.st_blocks * 512 < m.size // 2
 
 
 def test_attack_hostile_listing_is_parsed_strictly_and_bounded(tmp_path):

@@ -17,13 +17,14 @@ from __future__ import annotations
 import os
 import re
 import threading
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from .._atomic import fsync_dir
 from ..errors import InputError, SkillRejectedError
-from .client import FederationClient
+from .client import FederationClient, _workers
 from .errors import FederationError, ManifestError, TrustError
 from .manifest import LIMITS as MANIFEST_LIMITS
 from .manifest import Manifest, card_id, is_card_id
@@ -356,13 +357,21 @@ class FederationManager:
             if have is not None:
                 return have
         fetched = self.client(remote.peer).fetch(m, self.quarantine.directory)
-        admitted = self.quarantine.check(fetched)
+        # The quarantine's file is the one kept (moved, never copied): it is made durable while
+        # the quarantine checks it (the checks use the CPU, the fsync waits on the disk).
+        durable = _workers().submit(_fsync_file, fetched.path)
         try:
-            return self._admit(admitted, remote, library)
+            admitted = self.quarantine.check(fetched)
+        except BaseException:
+            wait([durable])  # the rejected file is gone; its fsync's outcome does not matter
+            raise
+        try:
+            return self._admit(admitted, remote, library, durable)
         finally:
             self.quarantine.discard(admitted)
 
-    def _admit(self, admitted: Admitted, remote: RemoteSkill, library: "SkillLibrary | None"):
+    def _admit(self, admitted: Admitted, remote: RemoteSkill, library: "SkillLibrary | None",
+               durable: "Future | None" = None):
         m = admitted.manifest
         local = admitted.local_validation
         meta = {"federation_manifest": m.to_json().decode("ascii"), "card_id": m.id,
@@ -374,16 +383,22 @@ class FederationManager:
             dest.parent.mkdir(exist_ok=True)
             if self.reshare:
                 self.store.add_file(admitted.path, m)
-            with open(admitted.path, "rb") as fh:
-                os.fsync(fh.fileno())
+            if durable is not None:
+                durable.result()  # its bytes are on disk before its name is
+            else:
+                _fsync_file(admitted.path)
             os.replace(admitted.path, dest)  # the quarantine's own file: moved, not copied
             fsync_dir(dest.parent)
             return dest
+        if durable is not None:
+            durable.result()  # done before the file moves under it
+        # The library takes the quarantine's file (moved, not copied) with the hash the
+        # quarantine proved equal to the signed id; it still loads it with verify=True.
         result = library.add(admitted.path, examples=m.examples, description=m.description,
                              origin="peer", validation=local if local is not None else m.validation,
-                             metadata=meta)
+                             metadata=meta, _owned_sha256=m.id)
         if self.reshare:
-            self.store.add_file(admitted.path, m)
+            self.store.add_file(result.path, m)
         return result
 
     @property
@@ -409,3 +424,9 @@ class FederationManager:
                 "refusals": dict(self.server.refusals) if self.server else {}}
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -22,6 +22,7 @@ reported in :attr:`SkillLibrary.problems` and skipped; it never stops the node.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .._atomic import atomic_write, atomic_write_bytes
+from .._atomic import _UMASK, atomic_write, atomic_write_bytes
 from ..errors import CardFormatError, InputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -184,6 +185,23 @@ def _clean_validation(validation: Any, where: str) -> dict | None:
         raise InputError(f"{where}: validation['passed'] must be true or false, "
                          f"got {validation['passed']!r}")
     return validation
+
+
+def _move_durably(src: Path, dst: Path) -> bool:
+    """Rename ``src`` to ``dst`` and fsync it; False (nothing moved) across file systems."""
+    try:
+        os.replace(src, dst)
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:
+            return False
+        raise
+    os.chmod(dst, 0o666 & ~_UMASK)  # as a copy written here would be
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
 
 
 def _sha256_file(path: Path) -> str:
@@ -354,7 +372,8 @@ class SkillLibrary:
     # ------------------------------------------------------------------ writing
     def add(self, card_or_path: "LoRACard | str | os.PathLike", examples: Iterable[str] = (),
             description: str | None = None, *, origin: str = "trained", version: int | None = None,
-            validation: Any = None, metadata: Mapping[str, str] | None = None) -> SkillEntry:
+            validation: Any = None, metadata: Mapping[str, str] | None = None,
+            _owned_sha256: str | None = None) -> SkillEntry:
         """Add a skill version and return its entry.
 
         Args:
@@ -369,6 +388,10 @@ class SkillLibrary:
             validation: a ``ValidationReport``, its dict or JSON; defaults to the card's
                 ``metadata["validation"]``.
             metadata: free str -> str information (sources, publisher key id, signature...).
+            _owned_sha256: package-internal (the federation quarantine): the file at
+                ``card_or_path`` belongs to the caller, which wrote it and hashed exactly its
+                bytes to this value; it is moved in instead of copied and not hashed again. It
+                is still checked with ``LoRAFormat.load(verify=True)``.
 
         Adding bytes identical to an existing version of the same name returns that entry.
         """
@@ -396,8 +419,11 @@ class SkillLibrary:
                 size = src.stat().st_size
                 if size > _MAX_CARD_BYTES:
                     raise CardFormatError(f"{src}: {size} bytes, over the library's limit of {_MAX_CARD_BYTES}")
-                # copy first, then check the copy: the bytes checked are the bytes kept
-                atomic_write_bytes(staged, src.read_bytes())
+                # copy (or move, see _owned_sha256) first, then check what was staged: the bytes
+                # checked are the bytes kept
+                if _owned_sha256 is None or not _move_durably(src, staged):
+                    _owned_sha256 = None
+                    atomic_write_bytes(staged, src.read_bytes())
                 try:
                     card = LoRAFormat.load(staged, verify=True)
                 except CardFormatError as exc:  # name the caller's file, not the staging copy
@@ -411,7 +437,7 @@ class SkillLibrary:
                                     else card.metadata.get("validation"), where)
             desc = description if description is not None else card.metadata.get("description", "")
             passed = bool(val.get("passed", False)) if val is not None else origin != "peer"
-            content_hash = _sha256_file(staged)
+            content_hash = _owned_sha256 or _sha256_file(staged)
             with self._write_lock():
                 self._load()
                 for e in self.versions(name):
