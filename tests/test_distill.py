@@ -20,6 +20,9 @@ import pytest
 
 DATA = Path(__file__).parent / "data" / "distill"
 DOCS = DATA / "docs"
+# the domain's first five documents (10 passages): enough for tests of the journal and the gate's
+# mechanics, which do not measure quality and need not train on all 47 passages
+CORE_DOCS = ("events_local_history.md", "loans.md", "membership.md", "rooms_printing.md", "shelfwise_app.md")
 
 
 def _queries():
@@ -40,6 +43,58 @@ def index(encoder):
     idx = DocumentIndex(encoder)
     idx.add_folder(DOCS)
     return idx
+
+
+@pytest.fixture(scope="module")
+def core_docs(tmp_path_factory):
+    import shutil
+
+    d = tmp_path_factory.mktemp("core-docs")
+    for name in CORE_DOCS:
+        shutil.copy(DOCS / name, d / name)
+    return d
+
+
+@pytest.fixture(scope="module")
+def core_index(encoder, core_docs):
+    from aios_fast.evolve.retrieval import DocumentIndex
+
+    idx = DocumentIndex(encoder)
+    idx.add_folder(core_docs)
+    return idx
+
+
+# ------------------------------------------------------------------ the test domain itself (fast)
+def test_eval_answers_are_verbatim_spans_and_cover_every_document(index):
+    """The domain has the demo's shape (>= 12 documents, >= 40 passages, 48 questions) so the
+    gate's passage-level held-out is not tiny; every eval answer is a verbatim span of its own
+    document (line breaks aside), whole inside one of that document's passages and in no other
+    document's; every document is asked about; no question copies 4 words in a row from its document."""
+    import re
+
+    from aios_fast.evolve.demo import load_eval
+
+    def flat(text):
+        return " ".join(text.split()).lower()
+
+    def words(text):
+        return re.findall(r"[a-z0-9']+", text.lower())
+
+    docs = {p.name: p.read_text(encoding="utf-8") for p in DOCS.glob("*.md")}
+    items = load_eval(DATA / "eval.jsonl")
+    assert len(docs) >= 12 and len(index.passages) >= 40, (len(docs), len(index.passages))
+    assert len(items) == 48
+    assert len({it.id for it in items}) == 48 and len({flat(it.question) for it in items}) == 48
+    assert {it.doc for it in items} == set(docs)
+    for it in items:
+        assert it.doc in docs, (it.id, it.doc)
+        span = flat(it.answer)
+        assert span in flat(docs[it.doc]), (it.id, it.answer)
+        homes = {Path(p.source).name for p in index.passages if span in flat(p.text)}
+        assert homes == {it.doc}, (it.id, homes)
+        q, d = words(it.question), " ".join(words(docs[it.doc]))
+        copied = [" ".join(q[i:i + 4]) for i in range(len(q) - 3) if " ".join(q[i:i + 4]) in d]
+        assert not copied, (it.id, copied)
 
 
 # ------------------------------------------------------------------ pairs (fast)
@@ -129,13 +184,14 @@ def test_bootstrap_lower_bound_is_noise_aware():
 
 
 @pytest.mark.slow
-def test_gate_refuses_a_card_that_does_not_help(encoder, index):
+def test_gate_refuses_a_card_that_does_not_help(encoder, core_index):
     """A card trained on shuffled (wrong) answers is refused by the bootstrap gate, with the
     figures in the reason (a card that changes nothing: ``bootstrap_lower_bound`` of zeros is 0)."""
     from aios_fast.evolve.distiller import CloudDistiller, DistillConfig, _NoCard
     from aios_fast.evolve.pairs import inverse_cloze_pairs
     from aios_fast.learn.trainer import LoRATrainer
 
+    index = core_index
     pairs = inverse_cloze_pairs(index.passages, 3, seed=3)
     assert len(pairs) >= 24, len(pairs)
     held, train = pairs[:len(pairs) // 3], pairs[len(pairs) // 3:]
@@ -156,10 +212,13 @@ def test_gate_refuses_a_card_that_does_not_help(encoder, index):
 # ------------------------------------------------------------------ the skill is real
 @pytest.mark.slow
 @pytest.mark.xfail(raises=AssertionError, strict=False,
-                   reason="measured 2026-12-02 (seed 0): this 10-passage domain leaves the passage-level "
-                   "held-out only 10 questions; the gate refuses a +0.062 MRR@10 gain whose 95% bootstrap "
-                   "lower bound is -0.125 (on the 49-passage demo the same pipeline keeps the skill and the "
-                   "human-written recall@1 rises 0.604 -> 0.708); see the Distillation section of BENCHMARKS.md")
+                   reason="measured 2026-12-02 (seed 0) on the 14-document, 47-passage domain: the held-out "
+                   "has 36 questions (33 ICT, 3 teacher; 8 of 40 teacher questions kept) and the gate refuses "
+                   "a +0.042 MRR@10 gain (0.281 -> 0.323) whose 95% bootstrap lower bound is -0.049; the "
+                   "refused card, measured apart, leaves the human-written recall@1 at 0.438 -> 0.438 "
+                   "(MRR@10 0.590 -> 0.619), so the refusal is right: the card lifts far-down answers, not "
+                   "the top one. `aios-fast evolve` on the same domain (tests/test_evolve_cli.py) keeps its "
+                   "skill (the demo's run: Distillation section of BENCHMARKS.md)")
 def test_local_teacher_card_raises_human_recall(encoder, index, tmp_path):
     """The card trained from the documents with LocalTeacher raises recall@1 of MiniLM on the
     held-out, human-written questions of a domain the defaults were not tuned on."""
@@ -177,6 +236,10 @@ def test_local_teacher_card_raises_human_recall(encoder, index, tmp_path):
     d.publish_hooks.append(hooked.append)
     res = d.distill_topic(_queries(), LocalTeacher(), skill_name="marrowby")
     rep = res.report
+    g = rep.get("gate") or {}
+    print(f"\nmarrowby distill: {res.reason or 'kept'}; split {rep.get('split')}; gate {g.get('metric')} "
+          f"{g.get('before', float('nan')):.3f} -> {g.get('after', float('nan')):.3f}, "
+          f"bootstrap LB {(g.get('details') or {}).get('mrr@10_gain_lower_bound')}, drift {g.get('drift')}")
     assert rep["pairs"]["teacher"]["asked"] > 0 and "gate" in rep
     assert res.ok, rep.get("reason")
     gate = rep["gate"]
@@ -198,6 +261,8 @@ def test_local_teacher_card_raises_human_recall(encoder, index, tmp_path):
     before = retrieval_eval(encoder, index.passages, items)
     with LoRAManager(encoder.model).applied(lib.load_card(entry)):
         after = retrieval_eval(encoder, index.passages, items)
+    print(f"human eval ({before['n']} q): recall@1 {before['recall@1']:.3f} -> {after['recall@1']:.3f}, "
+          f"MRR@10 {before['mrr@10']:.3f} -> {after['mrr@10']:.3f}")
     assert after["recall@1"] > before["recall@1"], (before, after)
     assert after["mrr@10"] >= before["mrr@10"]
 
@@ -284,7 +349,7 @@ _CHILD = textwrap.dedent("""
 
 @pytest.mark.slow
 @pytest.mark.parametrize("crash_at", ["add", "done"])
-def test_killed_distillation_resumes_without_duplicates(crash_at, encoder, tmp_path):
+def test_killed_distillation_resumes_without_duplicates(crash_at, encoder, core_docs, tmp_path):
     from aios_fast.evolve.distiller import SkillDistiller
     from aios_fast.evolve.jobs import LearningRequest
     from aios_fast.learn.qa_logger import QALogger
@@ -293,7 +358,7 @@ def test_killed_distillation_resumes_without_duplicates(crash_at, encoder, tmp_p
     lib_dir = tmp_path / "lib"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "python"),
                                                         os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(lib_dir), str(DOCS), crash_at,
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(lib_dir), str(core_docs), crash_at,
                            str(DATA / "queries.txt")], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 9, proc.stderr[-3000:]
     journal = json.loads((lib_dir / "jobs" / "topic-a.json").read_text())
@@ -305,7 +370,7 @@ def test_killed_distillation_resumes_without_duplicates(crash_at, encoder, tmp_p
         pass
     node = Node()
     node.encoder, node.library = encoder, SkillLibrary(lib_dir, encoder=encoder)
-    d = SkillDistiller(node, tier="leaf", teacher=False, docs=str(DOCS), config={"margin": -1.0})
+    d = SkillDistiller(node, tier="leaf", teacher=False, docs=str(core_docs), config={"margin": -1.0})
     req = LearningRequest("topic-a", tuple(_queries()))
     out = d.learn(req)
     assert out.entry is not None and out.tier == 2 and "resumed" in out.report

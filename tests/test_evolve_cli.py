@@ -41,8 +41,14 @@ def test_evolve_main_job_end_to_end(tmp_path):
     jobs = rep["learning"]["jobs"]
     assert rep["learning"]["finished"] and jobs
     job = jobs[0]
+    g = job["gate"] or {}
+    print(f"\nevolve: exit {proc.returncode} in {rep['seconds']} s; jobs {len(jobs)}; split {job['split']}; gate "
+          f"{g.get('metric')} {g.get('before')} -> {g.get('after')}, bootstrap LB "
+          f"{(g.get('details') or {}).get('mrr@10_gain_lower_bound')}; human eval recall@1 "
+          f"{rep['before'].get('recall@1')} -> {rep['after'].get('recall@1')}, MRR@10 "
+          f"{rep['before'].get('mrr@10')} -> {rep['after'].get('mrr@10')}; reason: {job['reason']}")
     assert job["pairs"]["teacher"]["asked"] > 0 and job["gate"] is not None and job["qa_logged"] > 0
-    assert rep["before"]["n"] == 24 and not rep["before"]["missing"]
+    assert rep["before"]["n"] == 48 and not rep["before"]["missing"]
     for png in rep["figures"].values():
         assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "report.json").read_text())["passed"] == rep["passed"]
