@@ -8,6 +8,8 @@
     2x of the NumPy brute force. The router's one-query path is the compiled ``route_topk`` scan
     (int8 copy of the examples with a certified bound, exact float32 rescoring; see
     ``aios_fast.kernels.route``), so it reads a quarter of the bytes the NumPy peer reads.
+    The index, the query, the three bodies and their checks are ``aios_fast.bench.cases.route``,
+    which ``aios-fast bench --only route`` runs too.
 (b) ``SkillNode.encode_with_lora`` on one sentence vs the encoder forwards it needs: one plain
     ``encode`` when no skill applies (the routing embedding is the answer), a plain plus an
     adapted ``encode`` when one does. Goal: at most 10 % above.
@@ -30,10 +32,11 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from aios_fast.bench.cases import route as case  # noqa: E402 - (a)'s bodies, shared with `aios-fast bench`
+
 SUMMARY = Path(os.environ.get("AIOS_ROUTER_BENCH_SUMMARY", "/tmp/aios-sections/router_summary.json"))
-SIZES = [10, 100, 1000, 10000]
-EXAMPLES = 10
-DIM = 384
+SIZES = list(case.SKILLS)
+DIM = case.DIM
 RESULTS: dict[str, float] = {}
 
 
@@ -43,90 +46,39 @@ def _record(benchmark, name: str) -> None:
         RESULTS[name] = stats.stats.median
 
 
-class _NoEncoder:
-    """Routing after encoding needs no encoder; any call to one is a bug in the benchmark."""
-
-    model = None
-
-    def encode(self, texts):  # pragma: no cover
-        raise AssertionError("the routing benchmark must not encode")
-
-
 @pytest.fixture(scope="module")
 def one_blas_thread():
-    """One BLAS thread for the NumPy mat-vecs (ours and the peer's alike): on the shared 2-core
-    machine OpenBLAS's worker threads spinning against other tenants cost 10x on a mat-vec."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="blas"):
+    """One BLAS and one torch thread for the mat-vecs (ours and the peer's alike): on the shared
+    2-core machine OpenBLAS's worker threads spinning against other tenants cost 10x on a mat-vec."""
+    with case.one_thread():
         yield
 
 
 @pytest.fixture(scope="module", params=SIZES, ids=[f"{s}skills" for s in SIZES])
-def skills(request, one_thread, one_blas_thread):
-    from aios_fast.route.router import LoRARouter
-
-    S = request.param
-    rng = np.random.default_rng(S)
-    E = rng.normal(size=(S * EXAMPLES, DIM)).astype(np.float32)
-    E /= np.linalg.norm(E, axis=1, keepdims=True)
-    router = LoRARouter(_NoEncoder())
-    router._fp = "bench"
-    router.add_skills([{"name": f"skill{i}", "examples": [f"example {j}" for j in range(EXAMPLES)],
-                        "embeddings": E[i * EXAMPLES:(i + 1) * EXAMPLES]} for i in range(S)])
-    target = S // 2
-    q = E[target * EXAMPLES] + 0.05 * rng.normal(size=DIM).astype(np.float32)
-    q /= np.linalg.norm(q)
-    per_skill = [(f"skill{i}", E[i * EXAMPLES:(i + 1) * EXAMPLES]) for i in range(S)]
-    return {"S": S, "router": router, "E": E, "q": q, "target": f"skill{target}", "per_skill": per_skill,
-            "starts": np.arange(0, S * EXAMPLES, EXAMPLES)}
-
-
-def python_loop(per_skill, q, top_k=3):
-    """ArrowEngine's way: cosine similarity of the query with each skill embedding, in Python."""
-    qn = float(np.linalg.norm(q))
-    scores = []
-    for name, emb in per_skill:
-        best = -1.0
-        for e in emb:
-            best = max(best, float(np.dot(q, e) / (qn * float(np.linalg.norm(e)))))
-        scores.append((best, name))
-    scores.sort(reverse=True)
-    return [n for _, n in scores[:top_k]]
-
-
-def numpy_brute(E, starts, names, q, top_k=3):
-    sims = E @ q
-    per = np.maximum.reduceat(sims, starts)
-    k = min(top_k, len(per))
-    top = np.argpartition(-per, k - 1)[:k] if len(per) > k else np.arange(len(per))
-    top = top[np.argsort(-per[top])]
-    return [names[i] for i in top]
+def skills(request, one_blas_thread):
+    return case.make_index(request.param)
 
 
 @pytest.mark.benchmark(group="route-after-encoding")
 def test_router(benchmark, skills):
-    router, q = skills["router"], skills["q"][None, :]
-    r = benchmark(router.route_embeddings, q)[0]
-    assert r.top == skills["target"] and 0.0 <= r.confidence <= 1.0
-    _record(benchmark, f"router/{skills['S']}")
+    r = benchmark(case.route, skills)
+    case.check_route(r, skills.target)
+    _record(benchmark, f"router/{skills.skills}")
 
 
 @pytest.mark.benchmark(group="route-after-encoding")
 def test_numpy_brute_force(benchmark, skills):
-    names = [n for n, _ in skills["per_skill"]]
-    top = benchmark(numpy_brute, skills["E"], skills["starts"], names, skills["q"])
-    assert top[0] == skills["target"]
-    _record(benchmark, f"numpy/{skills['S']}")
+    top = benchmark(case.numpy_brute, skills.E, skills.starts, skills.names, skills.q)
+    case.check_top(top, skills.target, "NumPy brute force")
+    _record(benchmark, f"numpy/{skills.skills}")
 
 
 @pytest.mark.benchmark(group="route-after-encoding")
 def test_python_loop(benchmark, skills):
-    rounds = 1 if skills["S"] >= 10000 else 3 if skills["S"] >= 1000 else 20
-    top = benchmark.pedantic(python_loop, args=(skills["per_skill"], skills["q"]), rounds=rounds,
-                             iterations=1)
-    assert top[0] == skills["target"]
-    _record(benchmark, f"loop/{skills['S']}")
+    rounds = 1 if skills.skills >= 10000 else 3 if skills.skills >= 1000 else 20
+    top = benchmark.pedantic(case.python_loop, args=(skills.per_skill, skills.q), rounds=rounds, iterations=1)
+    case.check_top(top, skills.target, "Python loop")
+    _record(benchmark, f"loop/{skills.skills}")
 
 
 # --------------------------------------------------------------------------- (b) the node

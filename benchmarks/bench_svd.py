@@ -26,12 +26,15 @@ delta or matrix; every case fits in memory), as the median and maximum over 5 ra
 says little, the spread between draws is wide. Each ``lowrank`` case asserts that ``ours`` has
 an equal or lower median and maximum error; both are computed in that case (seeded, cached),
 so the assertion holds whatever order or subset of the cases runs.
+The inputs, the methods, the reference and the checks are ``aios_fast.bench.cases.svd``, which
+``aios-fast bench --only svd`` runs too (there: paired rounds against ``lowrank`` at the tier's sizes).
 Time: the minimum of 5 rounds after a warm-up. At the end the ratios to ``lowrank`` are
 printed (run with ``-s``) and the comparison figure is written to docs/img/svd_bench.png.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -39,56 +42,38 @@ import pytest
 import torch
 
 from aios_fast._atomic import save_figure
-from aios_fast.bench.cases import svd as case  # the pair and the methods, shared with `aios-fast bench --only svd`
-from aios_fast.linalg import truncated_svd
+from aios_fast.bench.cases import svd as case  # inputs, methods and checks, shared with `aios-fast bench --only svd`
 
 SHAPES = [(4096, 4096), (4096, 11008)]
-DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = case.DTYPES
 RANKS = [16, 64]
-P, Q = 10, 2
 SEEDS = range(5)
-METHODS = ["ours", "ours-pq", "lowrank", "sklearn", "full"]
+METHODS = list(case.PAIR_METHODS)  # ours, ours-pq, lowrank, sklearn, full
 RESULTS: list[dict] = []
 PNG = Path(__file__).resolve().parents[1] / "docs" / "img" / "svd_bench.png"
 
-_cache: dict = {}
+
+@functools.lru_cache(maxsize=None)
+def tensors(kind, shape, dt):
+    """(tuned, base) of the pair, or (M, None) of the single matrix."""
+    if kind == "pair":
+        return case.make_pair(shape, DTYPES[dt])  # planted spectrum 0.96^i over 256 directions + noise
+    return case.make_single(shape, DTYPES[dt]), None
 
 
-def pair(shape, dt):
-    """(tuned, base, LAPACK σ of tuned − base) for the case."""
-    key = (shape, dt)
-    if key not in _cache:
-        T, B = case.make_pair(shape, DTYPES[dt])  # planted spectrum 0.96^i over 256 directions + noise
-        _cache[key] = (T, B, lapack_sv(T.float() - B.float()))
-    return _cache[key]
+@functools.lru_cache(maxsize=None)
+def reference(kind, shape, dt):
+    """LAPACK σ (float64) of the case's delta or matrix: every case here fits in memory."""
+    T, B = tensors(kind, shape, dt)
+    return case.reference_sigma(T, B, max(RANKS))
 
 
-def single(shape, dt):
-    """(M, None, LAPACK σ of M): the pair's delta, formed once, in the case's dtype."""
-    key = ("single", shape, dt)
-    if key not in _cache:
-        T, B, _ = pair(shape, dt)
-        M = (T.float() - B.float()).to(DTYPES[dt])
-        _cache[key] = (M, None, lapack_sv(M.float()))
-    return _cache[key]
-
-
-def lapack_sv(D: torch.Tensor) -> torch.Tensor:
-    """Every singular value of ``D`` by LAPACK (gesdd through torch), in float64."""
-    return torch.linalg.svdvals(D.double())
-
-
-_errors: dict = {}
-
-
+@functools.lru_cache(maxsize=None)
 def errors(kind, shape, dt, k, method):
-    """σ_k relative errors over SEEDS (cached: seeded, so order independent)."""
-    key = (kind, shape, dt, k, method)
-    if key not in _errors:
-        T, B, ref = (pair if kind == "pair" else single)(shape, dt)
-        fn = _method(method, k) if kind == "pair" else _single_method(method, k)
-        _errors[key] = [float(abs(fn(T, B, seed).double()[k - 1] - ref[k - 1]) / ref[k - 1]) for seed in SEEDS]
-    return _errors[key]
+    """σ_k relative errors over SEEDS (seeded and cached, so order independent)."""
+    T, B = tensors(kind, shape, dt)
+    fn = (case.PAIR_METHODS if kind == "pair" else case.SINGLE_METHODS)[method]
+    return tuple(case.seeded_errors(fn, T, B, reference(kind, shape, dt), k, SEEDS))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -99,32 +84,37 @@ def report_at_end():
         _plot(RESULTS)
 
 
-def _method(name, k):
-    """(seed → σ) for one method."""
-    if name == "ours":
-        return lambda T, B, seed=0: case.ours(T, B, k, seed)
-    if name == "ours-pq":
-        return lambda T, B, seed=0: truncated_svd((T, B), k, oversample=P, power_iters=Q, seed=seed).S
-
-    if name == "lowrank":
-        return lambda T, B, seed=0: case.lowrank(T, B, k, seed)
-    if name == "sklearn":
-        def skl(T, B, seed=0):
-            from sklearn.utils.extmath import randomized_svd
-            D = (T.float() - B.float()).numpy()
-            return torch.from_numpy(randomized_svd(D, k, n_oversamples=P, n_iter=Q, random_state=seed)[1])
-        return skl
-    return lambda T, B, seed=0: case.full_svd(T, B, k)
-
-
-def _single_method(name, k):
-    if name == "ours":
-        return lambda M, _=None, seed=0: truncated_svd(M, k, seed=seed).S
-
-    def lowrank(M, _=None, seed=0):
-        torch.manual_seed(seed)
-        return torch.svd_lowrank(M.float(), q=k + P, niter=Q)[1]
-    return lowrank
+def _time_and_check(benchmark, kind, shape, dt, k, method):
+    """Time ``method`` on the case; check its seeded errors (and, for the peer, that ours' are
+    no worse: both computed here, so the assertion holds whatever order or subset of cases runs)."""
+    T, B = tensors(kind, shape, dt)
+    ref = reference(kind, shape, dt)
+    fn = (case.PAIR_METHODS if kind == "pair" else case.SINGLE_METHODS)[method]
+    full = method == "full"
+    S = benchmark.pedantic(fn, args=(T, B, k), rounds=1 if full else 5, iterations=1,
+                           warmup_rounds=0 if full else 1)
+    if full:
+        # float32 LAPACK agrees with the float64 reference
+        np.testing.assert_allclose(ref[:k].numpy(), S[:k].double().numpy(), rtol=1e-4)
+        errs = [case.sigma_error(S, ref, k)]
+    else:
+        errs = list(errors(kind, shape, dt, k, method))
+    med, worst = float(np.median(errs)), max(errs)
+    if method == "ours":
+        case.check_errors(errs, None, k)  # ours is held to its accuracy contract
+    else:
+        assert worst < 1e-1, f"{method}: σ_{k} relative error {worst:.2e}"  # a peer only has to be a sane SVD
+    if method == "lowrank":
+        # the speed goal is stated at equal or better error; the errors are seeded, so this half
+        # of it does not depend on the machine's noise (the times do), nor on the test order
+        case.check_errors(list(errors(kind, shape, dt, k, "ours")), errs, k)
+    t = benchmark.stats.stats.min
+    benchmark.extra_info.update({"method": method, "sigma_r_rel_err_median": med, "sigma_r_rel_err_max": worst,
+                                 "shape": list(shape), "dtype": dt, "rank": k, "min_s": t,
+                                 "single": kind == "single"})
+    prefix = "" if kind == "pair" else "single "
+    RESULTS.append({"case": f"{prefix}{shape[0]}x{shape[1]}\n{dt} r{k}", "method": method, "time": t,
+                    "err": med, "err_max": worst})
 
 
 CASES = [pytest.param(shape, dt, k, meth, id=f"{shape[0]}x{shape[1]}-{dt}-r{k}-{meth}")
@@ -134,30 +124,8 @@ CASES = [pytest.param(shape, dt, k, meth, id=f"{shape[0]}x{shape[1]}-{dt}-r{k}-{
 
 @pytest.mark.parametrize("shape,dt,k,method", CASES)
 def test_truncated_svd(benchmark, shape, dt, k, method):
-    T, B, ref = pair(shape, dt)
-    fn = _method(method, k)
     benchmark.group = f"{shape[0]}x{shape[1]} {dt} rank {k}"
-    full = method == "full"
-    S = benchmark.pedantic(fn, args=(T, B), rounds=1 if full else 5, iterations=1, warmup_rounds=0 if full else 1)
-    if full:
-        # float32 LAPACK agrees with the float64 reference
-        np.testing.assert_allclose(ref[:k].numpy(), S[:k].double().numpy(), rtol=1e-4)
-        errs = [float(abs(S.double()[k - 1] - ref[k - 1]) / ref[k - 1])]
-    else:
-        errs = errors("pair", shape, dt, k, method)
-    med, worst = float(np.median(errs)), max(errs)
-    # ours is held to its accuracy contract; a peer only has to be a sane SVD
-    assert worst < (2e-2 if method.startswith("ours") else 1e-1), f"{method}: σ_{k} relative error {worst:.2e}"
-    t = benchmark.stats.stats.min
-    benchmark.extra_info.update({"method": method, "sigma_r_rel_err_median": med, "sigma_r_rel_err_max": worst,
-                                 "shape": list(shape), "dtype": dt, "rank": k, "min_s": t})
-    case = f"{shape[0]}x{shape[1]}\n{dt} r{k}"
-    RESULTS.append({"case": case, "method": method, "time": t, "err": med, "err_max": worst})
-    if method == "lowrank":
-        # the speed goal is stated at equal or better error: the errors are seeded, so this half
-        # of it does not depend on the machine's noise (the times do), nor on the test order
-        mine = errors("pair", shape, dt, k, "ours")
-        assert np.median(mine) <= med and max(mine) <= worst, (mine, errs)
+    _time_and_check(benchmark, "pair", shape, dt, k, method)
 
 
 SINGLE_SHAPE = (4096, 4096)
@@ -165,25 +133,12 @@ SINGLE_SHAPE = (4096, 4096)
 
 @pytest.mark.parametrize("dt", list(DTYPES))
 @pytest.mark.parametrize("k", RANKS)
-@pytest.mark.parametrize("method", ["ours", "lowrank"])
+@pytest.mark.parametrize("method", list(case.SINGLE_METHODS))
 def test_truncated_svd_single_matrix(benchmark, dt, k, method):
     """``truncated_svd(M, k)`` on one matrix against ``torch.svd_lowrank`` (goal: ≤ 0.8× its
     time at equal or better σ_k error, as for pairs)."""
-    M, _, ref = single(SINGLE_SHAPE, dt)
-    fn = _single_method(method, k)
     benchmark.group = f"single {SINGLE_SHAPE[0]}x{SINGLE_SHAPE[1]} {dt} rank {k}"
-    benchmark.pedantic(fn, args=(M,), rounds=5, iterations=1, warmup_rounds=1)
-    errs = errors("single", SINGLE_SHAPE, dt, k, method)
-    med, worst = float(np.median(errs)), max(errs)
-    assert worst < (2e-2 if method == "ours" else 1e-1), f"{method}: σ_{k} relative error {worst:.2e}"
-    t = benchmark.stats.stats.min
-    benchmark.extra_info.update({"method": method, "sigma_r_rel_err_median": med, "sigma_r_rel_err_max": worst,
-                                 "shape": list(SINGLE_SHAPE), "dtype": dt, "rank": k, "min_s": t, "single": True})
-    RESULTS.append({"case": f"single {SINGLE_SHAPE[0]}x{SINGLE_SHAPE[1]}\n{dt} r{k}", "method": method,
-                    "time": t, "err": med, "err_max": worst})
-    if method == "lowrank":
-        mine = errors("single", SINGLE_SHAPE, dt, k, "ours")
-        assert np.median(mine) <= med and max(mine) <= worst, (mine, errs)
+    _time_and_check(benchmark, "single", SINGLE_SHAPE, dt, k, method)
 
 
 def _print_ratios(results):
@@ -247,7 +202,7 @@ def test_delta_sketch_pass(benchmark, impl, dt):
                    if i.name == impl).available()
     if not ok:
         pytest.skip(f"{impl}: {why}")
-    T, B, _ = pair((4096, 11008), dt)
+    T, B = tensors("pair", (4096, 11008), dt)
     X = torch.randn(11008, 26, generator=torch.Generator().manual_seed(1))
     benchmark.group = f"delta_sketch pass 4096x11008 {dt}"
     out = benchmark.pedantic(lambda: backends.call("delta_sketch", "cpu", T, B, X, None, force=impl),

@@ -10,8 +10,9 @@ base model's. A CUDA variant runs where a GPU is visible.
 
     python -m pytest benchmarks/bench_train.py --benchmark-only -q --benchmark-json /tmp/aios-sections/train.json
 
-Quality table (issue 14, ``test_train_quality_table``; the case lives in
-``aios_fast/bench/cases/train_quality.py``): held-out recall@1 and MRR@10 of the base model,
+Quality table (issue 14, ``test_train_quality_table``; the case and its checks live in
+``aios_fast/bench/cases/train_quality.py``, which ``aios-fast bench --only train_quality`` runs
+too): held-out recall@1 and MRR@10 of the base model,
 ``LoRATrainer`` with its DEFAULT recipe, sentence-transformers + a PEFT LoRA adapter +
 MultipleNegativesRankingLoss at the same rank, targets, lr, epochs and schedule, and a full
 fine-tune (same loss, lr 1e-4), on the two tuning sets (quillmere, tidewell) and the test set
@@ -205,10 +206,9 @@ def test_train_quality_table(benchmark, encoder):
     QUALITY_MD.parent.mkdir(parents=True, exist_ok=True)
     QUALITY_MD.write_text(md)
     print("\n" + md)
-    by = {(r["set"], r["method"]): r for r in summary}
+    # the check `aios-fast bench --only train_quality` makes: the defaults learn every set and keep
+    # the guard drift inside the gate's bound (the quality goals are reported, not asserted)
     for name in dict.fromkeys(r["set"] for r in summary):
-        ours, base = by[(name, "ours")], by[(name, "base")]
-        # correctness: the defaults learn every set and keep the guard drift inside the gate's bound
-        assert ours["recall@1"] > base["recall@1"], (name, ours, base)
-        assert ours["mrr@10"] > base["mrr@10"], (name, ours, base)
-        assert ours["drift"] < 0.15, (name, ours)
+        tq.check_set(summary, name)
+        for why in tq.quality_shortfalls(summary, name):
+            print(f"goal missed on {name}: {why}")

@@ -166,12 +166,15 @@ class Sizes:
     extract_pairs: tuple[str, ...]
     gpu_extract_pairs: tuple[str, ...] = ()
     extract_rank: int = 16
+    route_skills: tuple[int, ...] = (10, 100, 1000, 10000)
+    train_quality_seeds: tuple[int, ...] = (0, 1, 2)  # () leaves the (minutes-long) group out
 
     def to_dict(self) -> dict[str, Any]:
         return {"tier": self.tier, "quick": self.quick, "rounds": self.rounds,
                 "probe_batch": list(self.probe_batch), "svd_shapes": [list(s) for s in self.svd_shapes],
                 "svd_ranks": list(self.svd_ranks), "extract_pairs": list(self.extract_pairs),
-                "gpu_extract_pairs": list(self.gpu_extract_pairs), "extract_rank": self.extract_rank}
+                "gpu_extract_pairs": list(self.gpu_extract_pairs), "extract_rank": self.extract_rank,
+                "route_skills": list(self.route_skills), "train_quality_seeds": list(self.train_quality_seeds)}
 
 
 @dataclass

@@ -2,12 +2,15 @@
 ``report.md`` and one PNG chart per group, all written atomically.
 
 A report is plain JSON so that reports from Leaf, Hub and Super machines can be compared
-(:mod:`aios_fast.bench.compare`) and pasted into BENCHMARKS.md (:func:`update_markdown_section`).
+(:mod:`aios_fast.bench.compare`) and rendered into BENCHMARKS.md (:func:`update_markdown_section`,
+``aios-fast bench render REPORT.json --into BENCHMARKS.md``): the same tables as report.md,
+headed by the command, the report, the machine, the tier and the versions that produced them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -17,11 +20,10 @@ from .._atomic import atomic_write_bytes, save_figure
 from ..errors import InputError
 
 __all__ = ["SCHEMA_ID", "schema", "validate_report", "load_report", "write_report", "render_markdown",
-           "draw_chart", "update_markdown_section", "format_value"]
+           "draw_chart", "update_markdown_section", "markers", "format_value"]
 
 SCHEMA_ID = "aios-fast-bench/1"
-_BEGIN = "<!-- aios-fast bench: begin {name} -->"
-_END = "<!-- aios-fast bench: end {name} -->"
+_MARKER_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 def schema() -> dict[str, Any]:
@@ -84,13 +86,15 @@ def _secs(side: dict[str, Any] | None) -> str:
     if not side:
         return "—"
     m = side["median"]
-    t = f"{m * 1e3:.1f} ms" if m < 1 else f"{m:.2f} s"
+    t = f"{m * 1e6:.1f} µs" if m < 1e-3 else f"{m * 1e3:.1f} ms" if m < 1 else f"{m:.2f} s"
     return f"{side['name']}: {t}"
 
 
-def render_markdown(report: dict[str, Any], report_name: str = "report.json", heading: str = "#") -> str:
+def render_markdown(report: dict[str, Any], report_name: str = "report.json", heading: str = "#",
+                    chart_dir: str = "") -> str:
     """Markdown tables of a report: one table per group, every figure with ours, the peer, the
-    ratio, its spread over rounds, the goal and pass/fail; not-run groups with their reason."""
+    ratio, its spread over rounds, the goal and pass/fail; not-run groups with their reason.
+    ``chart_dir`` prefixes the charts' links (the report's folder as seen from the document)."""
     m, t = report["machine"], report["tier"]
     gpus = ", ".join(f"{g['name']} {g['memory_gb']} GB" for g in m["gpus"]) or "no GPU"
     load = m.get("load_average")
@@ -131,7 +135,7 @@ def render_markdown(report: dict[str, Any], report_name: str = "report.json", he
                 lines.append("Checked: " + "; ".join(checks) + ".")
                 lines.append("")
         if g.get("chart"):
-            lines.append(f"![{g['name']}]({g['chart']})")
+            lines.append(f"![{g['name']}]({chart_dir}{g['chart']})")
             lines.append("")
     return "\n".join(lines)
 
@@ -198,18 +202,56 @@ def write_report(report: dict[str, Any], out: Path, charts: bool = True) -> Path
     return atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
 
 
-def update_markdown_section(md_path: Path, report: dict[str, Any], report_name: str,
-                            name: str = "generated") -> Path:
-    """Put the report's tables into ``md_path`` between ``<!-- aios-fast bench: begin NAME -->``
-    and the matching end marker (replacing what was there, or appending the pair). Atomic."""
-    md_path = Path(md_path)
-    text = md_path.read_text(encoding="utf-8") if md_path.exists() else ""
-    begin, end = _BEGIN.format(name=name), _END.format(name=name)
-    body = render_markdown(report, report_name, heading="##")
+def markers(name: str | None = None) -> tuple[str, str]:
+    """The begin and end markers of a rendered block: ``<!-- bench-report:begin -->`` and
+    ``<!-- bench-report:end -->``, or with `` NAME`` before ``-->`` for a named one (several
+    reports, e.g. a Leaf and a Hub machine, in one file)."""
+    if name is not None and not _MARKER_NAME.match(name):
+        raise InputError(f"--name {name!r}: a block name is letters, digits, '_', '.' or '-'")
+    tail = f" {name} -->" if name else " -->"
+    return "<!-- bench-report:begin" + tail, "<!-- bench-report:end" + tail
+
+
+def update_markdown_section(md_path: str | Path, report: dict[str, Any], report_path: str | Path,
+                            name: str | None = None) -> Path:
+    """Render ``report`` (read from ``report_path``) into ``md_path`` between its markers
+    (:func:`markers`): the block between them is replaced, or, where the file has none, put
+    after the file's title and introduction (before its first section heading; at the end
+    when it has none). Rendering the same report again leaves the file unchanged. Chart links
+    point at the PNGs beside the report. Atomic. Returns ``md_path``."""
+    md_path, report_path = Path(md_path), Path(report_path)
+    try:
+        text = md_path.read_text(encoding="utf-8") if md_path.exists() else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{md_path}: cannot read the Markdown file to update: {exc}") from None
+    begin, end = markers(name)
+    rel = os.path.relpath(report_path.resolve().parent, md_path.resolve().parent)
+    body = render_markdown(report, str(report_path), heading="##",
+                           chart_dir="" if rel == "." else Path(rel).as_posix() + "/")
     block = f"{begin}\n{body.rstrip()}\n{end}"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
+    n_begin, n_end = text.count(begin), text.count(end)
+    if n_begin != n_end or n_begin > 1 or (n_begin and text.index(begin) > text.index(end)):
+        raise InputError(f"{md_path}: expected one {begin!r} followed by one {end!r}, found {n_begin} "
+                         f"begin and {n_end} end marker(s); fix the file by hand")
+    if n_begin:
+        i, j = text.index(begin), text.index(end) + len(end)
+        text = text[:i] + block + text[j:]
     else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    return atomic_write_bytes(md_path, text.encode())
+        at = _after_introduction(text)
+        head, tail = text[:at].rstrip("\n"), text[at:].lstrip("\n")
+        text = (head + "\n\n" if head else "") + block + "\n" + ("\n" + tail if tail else "")
+    return atomic_write_bytes(md_path, text.encode("utf-8"))
+
+
+def _after_introduction(text: str) -> int:
+    """Where a new block goes: the start of the first section heading (``##`` or deeper)
+    after the title, outside code fences; the end of the text when there is none."""
+    pos, fence = 0, False
+    for line in text.splitlines(keepends=True):
+        stripped = line.lstrip()
+        if stripped.startswith(("```", "~~~")):
+            fence = not fence
+        elif not fence and re.match(r"##+\s", stripped):
+            return pos
+        pos += len(line)
+    return len(text)

@@ -39,7 +39,10 @@ class Group:
 GROUPS: dict[str, Group] = {g.name: g for g in (
     Group("probe", "probe", False, "WeightMapProbe overhead on a MiniLM forward; token_norms kernel vs torch ops"),
     Group("cards", "cards", False, "skill-card load, apply, remove and inference overhead vs safetensors / PEFT"),
-    Group("svd", "svd", False, "truncated SVD of a (tuned, base) pair vs torch.svd_lowrank"),
+    Group("svd", "svd", False, "truncated SVD of a (tuned, base) pair and of one matrix vs torch.svd_lowrank"),
+    Group("route", "route", False, "routing one encoded query over 10-10,000 skills vs a Python loop and NumPy"),
+    Group("train_quality", "train_quality", False,
+          "contrastive training quality on MiniLM vs ST + PEFT and a full fine-tune (minutes; not in --quick)"),
     Group("extract", "extract", False, "whole-model extraction vs mergekit-extract-lora (subprocesses)"),
     Group("gpu", "gpu", True, "CUDA kernels vs their torch references, probe overhead, SVD and extraction on GPU"),
 )}

@@ -7,7 +7,8 @@
   SVDs take minutes rather than hours) and larger probe batches.
 
 ``quick`` shrinks every group to a smoke-sized run (a 4-layer pair, one small SVD, a tiny
-batch, two rounds) that finishes in minutes on 2 cores whatever the tier.
+batch, 10 and 1,000 skills, two rounds) that finishes in minutes on 2 cores whatever the tier;
+it leaves out the training-quality table (no seeds: it takes about 15 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ _SIZES = {
                   gpu_extract_pairs=("smollm2-135m", "llama-1b", "llama-7b")),
 }
 _QUICK = dict(rounds=2, probe_batch=(4, 64), svd_shapes=((1024, 1024),), svd_ranks=(16,),
-              extract_pairs=("tiny",), gpu_extract_pairs=("tiny",))
+              extract_pairs=("tiny",), gpu_extract_pairs=("tiny",), route_skills=(10, 1000),
+              train_quality_seeds=())
 
 
 def sizes_for(tier: str, quick: bool = False) -> Sizes:

@@ -1,6 +1,7 @@
 """`aios-fast bench`: run the benchmark suite for this machine's tier and write a report;
 `aios-fast bench compare A.json B.json`: two reports side by side;
-`aios-fast bench markdown REPORT.json --into BENCHMARKS.md`: paste a report's tables into a file.
+`aios-fast bench render REPORT.json [--into BENCHMARKS.md]`: a report's tables as Markdown (printed,
+or put between the ``<!-- bench-report:begin -->`` / ``<!-- bench-report:end -->`` markers of a file).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from pathlib import Path
 
 from ._common import add_json_flag, print_json
 
-_GROUPS = ("probe", "cards", "svd", "extract", "gpu")  # spelled out: building the parser must not import torch
+# spelled out: building the parser must not import torch (a test checks it against bench.runner.GROUPS)
+_GROUPS = ("probe", "cards", "svd", "route", "train_quality", "extract", "gpu")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run each benchmark group sized for this machine's tier (leaf, hub, super), every "
                     "figure beside a peer measured in the same run and checked for correctness. Writes "
                     "OUT/report.json (schema: aios_fast/bench/report.schema.json), OUT/report.md and one "
-                    "PNG chart per group. Groups: " + ", ".join(_GROUPS) + " (gpu: 'not run' without a GPU).")
+                    "PNG chart per group. Groups: " + ", ".join(_GROUPS) + " (gpu: 'not run' without a GPU; "
+                    "train_quality: 'not run' with --quick). 'aios-fast bench render REPORT.json --into "
+                    "BENCHMARKS.md' puts a report's tables into a Markdown file.")
     p.add_argument("--tier", default="auto", choices=("auto", "leaf", "hub", "super"),
                    help="size the work for this tier (default: detect it)")
     p.add_argument("--only", action="append", metavar="GROUP",
@@ -30,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     add_json_flag(p)
     p.set_defaults(func=_run)
-    bsub = p.add_subparsers(dest="bench_command", metavar="[compare|markdown]", required=False)
+    bsub = p.add_subparsers(dest="bench_command", metavar="[compare|render]", required=False)
 
     c = bsub.add_parser("compare", help="print two reports' figures side by side")
     c.add_argument("a", type=Path, help="first report.json")
@@ -38,11 +42,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json_flag(c)
     c.set_defaults(func=_compare)
 
-    m = bsub.add_parser("markdown", help="write a report's tables into a Markdown file between markers")
-    m.add_argument("report", type=Path, help="report.json")
-    m.add_argument("--into", type=Path, required=True, help="Markdown file to update (e.g. BENCHMARKS.md)")
-    m.add_argument("--name", default="generated", help="marker name of the section (default: generated)")
-    m.set_defaults(func=_markdown)
+    m = bsub.add_parser(
+        "render", aliases=["markdown"], help="a report's tables as Markdown, printed or put into a file",
+        description="Render REPORT.json as Markdown tables grouped by group (figure, ours and the peer's "
+                    "medians, ratio, spread over rounds, goal, status), headed by the command and report that "
+                    "produced them, the machine, the tier and the versions. Without --into the Markdown is "
+                    "printed; with --into FILE it replaces the block between '<!-- bench-report:begin -->' and "
+                    "'<!-- bench-report:end -->' in FILE (or goes after FILE's title and introduction when the "
+                    "markers are absent), written atomically.")
+    m.add_argument("report", type=Path, help="report.json written by aios-fast bench")
+    m.add_argument("--into", type=Path, help="Markdown file to update in place (e.g. BENCHMARKS.md)")
+    m.add_argument("--name", help="name of the block, for several reports in one file "
+                                  "(markers '<!-- bench-report:begin NAME -->' ...)")
+    m.set_defaults(func=_render)
 
 
 def _console():
@@ -108,10 +120,15 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _markdown(args: argparse.Namespace) -> int:
-    from ..bench.report import load_report, update_markdown_section
+def _render(args: argparse.Namespace) -> int:
+    from ..bench.report import load_report, markers, render_markdown, update_markdown_section
 
     report = load_report(args.report)
-    update_markdown_section(args.into, report, str(args.report), name=args.name)
-    print(f"{args.into}: section '{args.name}' written from {args.report}")
+    if args.into is None:
+        markers(args.name)  # a bad --name is refused here too
+        print(render_markdown(report, str(args.report)).rstrip())
+        return 0
+    update_markdown_section(args.into, report, args.report, name=args.name)
+    begin, _ = markers(args.name)
+    print(f"{args.into}: block {begin} rendered from {args.report}")
     return 0

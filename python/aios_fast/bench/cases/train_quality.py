@@ -17,6 +17,17 @@ pool), with :func:`aios_fast.learn.gate.retrieval_metrics`. Drift is 1 − mean 
 base and trained embeddings of the guard texts (the gate's measure).
 
     python -m aios_fast.bench.cases.train_quality --seeds 0 1 2      # the table, as JSON lines
+
+Shared by ``aios-fast bench --only train_quality`` (:func:`run`: one figure per set, ours'
+seconds per training run beside ST + PEFT's) and
+``benchmarks/bench_train.py::test_train_quality_table`` (the Markdown table, same check).
+Minutes long (3 sets × 3 seeds × 3 trainings, about 15 minutes on 2 cores), so ``--quick``
+leaves it out ("not run").
+
+Per set, on the means over seeds. Correctness (:func:`check_set`): ours learns (recall@1 and
+MRR@10 above the base model's) with the guard drift under the gate's 0.15. Goals (issue 14,
+:func:`quality_shortfalls` and the time ratio): at least ST + PEFT's recall@1 and MRR@10, ≥ 90 %
+of the full fine-tune's recall@1 gain, at equal or lower time than ST + PEFT.
 """
 
 from __future__ import annotations
@@ -27,10 +38,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
+
+from ..core import BenchContext, CaseFailed, Figure, Goal, Measurement
 
 __all__ = ["SETS", "TUNING_SETS", "TEST_SETS", "load_set", "guard_texts", "metrics", "run_ours",
-           "run_st", "table", "summarize", "markdown"]
+           "run_st", "table", "summarize", "markdown", "check_set", "quality_shortfalls", "figures", "run", "DRIFT_BOUND",
+           "SHARE_OF_FULL"]
 
 _LEARN = Path(__file__).resolve().parents[2] / "learn" / "data"
 _TESTS = Path(__file__).resolve().parents[4] / "tests" / "data" / "qa"
@@ -41,6 +54,8 @@ TUNING_SETS = ("quillmere", "tidewell")
 TEST_SETS = ("ferrowind",)
 #: the peers' targets matching the trainer's default (every attention and feed-forward linear)
 ST_TARGETS = ["query", "key", "value", "dense"]
+DRIFT_BOUND = 0.15    # the gate's bound on guard drift
+SHARE_OF_FULL = 0.9   # ours' share of the full fine-tune's recall@1 gain
 
 
 def _jsonl(path: Path) -> list[tuple[str, str]]:
@@ -222,6 +237,107 @@ def markdown(summary: list[dict[str, Any]], seeds: Sequence[int]) -> str:
         lines.append(f"| {r['set']} | {names[r['method']]} | {r['recall@1']:.3f} | {r['mrr@10']:.3f} | "
                      f"{drift} | {secs} | {share} |")
     return "\n".join(lines) + f"\n\nseeds {list(seeds)}; means over seeds.\n"
+
+
+def check_set(summary: list[dict[str, Any]], name: str) -> None:
+    """Correctness on set ``name`` (means over seeds, from :func:`summarize`): ours learns
+    (recall@1 and MRR@10 above the base model's) and keeps the guard drift under the gate's
+    bound. Raises :class:`CaseFailed` naming what failed."""
+    by = {r["method"]: r for r in summary if r["set"] == name}
+    ours, base = by["ours"], by["base"]
+    for k in ("recall@1", "mrr@10"):
+        if not ours[k] > base[k]:
+            raise CaseFailed(f"{name}: ours' {k} {ours[k]:.3f} is not above the base model's {base[k]:.3f}")
+    if not ours.get("drift", 0.0) < DRIFT_BOUND:
+        raise CaseFailed(f"{name}: ours' guard drift {ours['drift']:.4f} reaches the gate's bound {DRIFT_BOUND}")
+
+
+def quality_shortfalls(summary: list[dict[str, Any]], name: str) -> list[str]:
+    """The quality goals ours misses on set ``name``: at least ST + PEFT's recall@1 and MRR@10,
+    ≥ 90 % of the full fine-tune's recall@1 gain (empty when all are met)."""
+    by = {r["method"]: r for r in summary if r["set"] == name}
+    ours, out = by["ours"], []
+    if "st+peft" in by:
+        for k in ("recall@1", "mrr@10"):
+            if ours[k] < by["st+peft"][k]:
+                out.append(f"ours' {k} {ours[k]:.3f} is below ST + PEFT's {by['st+peft'][k]:.3f}")
+    share = ours.get("share_of_full_gain")
+    if "full" in by and share is not None and share < SHARE_OF_FULL:
+        out.append(f"ours reaches {100 * share:.0f} % of the full fine-tune's recall@1 gain "
+                   f"(goal ≥ {100 * SHARE_OF_FULL:.0f} %)")
+    return out
+
+
+def figures(rows: list[dict[str, Any]]) -> list[Figure]:
+    """One figure per set from :func:`table`'s rows: ours' seconds per training run beside
+    ST + PEFT's (paired by seed). "incorrect" when :func:`check_set` fails; "fail" when the time
+    goal or a quality goal (:func:`quality_shortfalls`) is missed; every method's quality in
+    ``extra``."""
+    summary = summarize(rows)
+    figs = []
+    for name in dict.fromkeys(r["set"] for r in rows):
+        per = {m: sorted((r for r in rows if r["set"] == name and r["method"] == m), key=lambda r: r["seed"])
+               for m in ("ours", "st+peft", "full")}
+        fig = Figure(f"train_quality.{name}", "train_quality",
+                     f"contrastive LoRA training on MiniLM, {name} set{' (test set)' if name in TEST_SETS else ''}: "
+                     "time per run vs ST + PEFT",
+                     goal=Goal(">=", 1.0, f"≤ ST + PEFT's time per run (≥ 1×) at ≥ its recall@1 and MRR@10, "
+                                          f"≥ {100 * SHARE_OF_FULL:.0f} % of the full fine-tune's recall@1 gain"),
+                     check=f"means over seeds: recall@1 and MRR@10 above the base model's, "
+                           f"guard drift < {DRIFT_BOUND}",
+                     config={"set": name, "seeds": [r["seed"] for r in per["ours"]],
+                             "torch_threads": torch.get_num_threads(), "peer": "sentence-transformers + PEFT LoRA "
+                             "+ MultipleNegativesRankingLoss, same rank, targets, lr, epochs and schedule"})
+        fig.ours = Measurement("LoRATrainer (defaults)", [r["seconds"] for r in per["ours"]])
+        if per["st+peft"]:
+            fig.peer = Measurement("ST + PEFT LoRA + MNRL", [r["seconds"] for r in per["st+peft"]])
+        fig.extra = {"quality": {r["method"]: {k: (None if r.get(k) is None else float(f"{r[k]:.4g}"))
+                                               for k in ("recall@1", "mrr@10", "drift", "seconds",
+                                                         "share_of_full_gain") if k in r}
+                                 for r in summary if r["set"] == name}}
+        try:
+            check_set(summary, name)
+        except AssertionError as exc:
+            fig.status, fig.reason = "incorrect", str(exc)
+            figs.append(fig)
+            continue
+        fig.finish()
+        short = quality_shortfalls(summary, name)
+        if short and fig.status in ("pass", "fail"):
+            fig.status, fig.reason = "fail", "; ".join(short)
+        figs.append(fig)
+    return figs
+
+
+def run(ctx: BenchContext) -> list[Figure]:
+    """The train_quality group: :func:`table` over every set at ``ctx.sizes.train_quality_seeds``;
+    "not run" when the sizes give no seeds (``--quick``: the table takes minutes)."""
+    def not_run(name: str, why: str) -> Figure:
+        return Figure(f"train_quality.{name}", "train_quality", f"contrastive LoRA training on MiniLM, {name} set",
+                      status="not run", reason=why)
+
+    sets = TUNING_SETS + TEST_SETS
+    if not ctx.sizes.train_quality_seeds:
+        why = ("not run with --quick: 3 sets × 3 seeds × 3 trainings take about 15 minutes on 2 cores; "
+               "run `aios-fast bench --only train_quality`")
+        return [not_run(name, why) for name in sets]
+    # the test set lives in the source tree's tests/data, which an installed package lacks
+    missing = [n for n in sets if not all(p.exists() for p in SETS[n])]
+    skipped = [not_run(n, f"data set files not found: {SETS[n][0]} (run from a source checkout)") for n in missing]
+    sets = tuple(n for n in sets if n not in missing)
+    if not sets:
+        return skipped
+    from ...engines import SentenceEncoder
+
+    ctx.progress("loading MiniLM")
+    rows = table(SentenceEncoder(), sets, ctx.sizes.train_quality_seeds,
+                 log=lambda line: ctx.progress(_step(json.loads(line))))
+    return figures(rows) + skipped
+
+
+def _step(row: dict[str, Any]) -> str:
+    seed = "" if row.get("seed") is None else f" seed {row['seed']}"
+    return f"{row['set']} {row['method']}{seed}: recall@1 {row['recall@1']:.3f} ({row['seconds']:.0f} s)"
 
 
 def _main() -> None:
