@@ -5,12 +5,17 @@
     ``LoRAFormat.load`` (mmap, zero-copy, torch tensors out; verify on and off) vs
     ``safetensors.safe_open`` of the same tensors, every tensor read, with framework ``pt``
     (torch tensors out, the like-for-like peer) and ``np`` (NumPy arrays out). Goal (issue 13):
-    ``verify=False`` no slower than safetensors, ``verify=True`` at most 2x;
+    ``verify=False`` no slower than safetensors, ``verify=True`` at most 2x. Besides the
+    pytest-benchmark medians, ``test_load_paired`` times ours and safetensors interleaved in
+    each round and reports the median and quartiles of the per-round ratios (load drift on a
+    shared machine hits both sides of a round alike);
 (b) ``LoRAManager.apply_card`` / ``remove_card`` on MiniLM vs PEFT (``PeftModel.from_pretrained``,
     ``inject_adapter_in_model`` + ``set_peft_model_state_dict``, ``unload``);
 (c) inference overhead of one applied, unmerged card vs the base model, PEFT beside it.
 
-Every benchmark also checks its result. A comparison PNG goes to docs/img/cards_bench.png.
+The cards, the load bodies and the checks are ``aios_fast.bench.cases.cards``, shared with
+``aios-fast bench --only cards``; this file times them with pytest-benchmark. Every benchmark
+also checks its result. A comparison PNG goes to docs/img/cards_bench.png.
 
     python -m pytest benchmarks/bench_cards.py --benchmark-only -q \
         --benchmark-json /tmp/aios-sections/cards.json
@@ -21,25 +26,28 @@ from __future__ import annotations
 import copy
 import json
 import os
+import statistics
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from aios_fast._atomic import save_figure
-from aios_fast.cards import LoRAFormat
+from aios_fast.bench.cases import cards as case
 from aios_fast.lora import LoRALayer, LoRAManager
-from aios_fast.lora.random import linear_shapes, random_card
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 PNG = ROOT / "docs" / "img" / "cards_bench.png"
 SUMMARY = Path(os.environ.get("AIOS_CARDS_BENCH_SUMMARY", "/tmp/aios-sections/cards_summary.json"))
-RANK = 16
-TEXTS = [f"request {i}: how do skill cards move between nodes?" for i in range(4)]
+RANK = case.RANK
+TEXTS = case.TEXTS
 PAIRED_ROUNDS = 30
+LOAD_ROUNDS = max(2, int(os.environ.get("AIOS_BENCH_ROUNDS", "30")))  # interleaved rounds, test_load_paired
 
 RESULTS: dict[str, float] = {}  # benchmark name -> median seconds
+LOAD_RATIOS: dict[str, dict[str, float]] = {}  # paired load ratios: name -> median, quartiles
 
 
 def _record(benchmark, name: str) -> None:
@@ -67,40 +75,11 @@ def batch():
     return AutoTokenizer.from_pretrained(minilm_dir())(TEXTS, padding=True, return_tensors="pt")
 
 
-def _smollm2_shapes() -> dict[str, tuple[int, int]]:
-    """SmolLM2-135M's linear shapes from its GGUF config, built on the meta device (no weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from aios_fast.bundled import smollm2_gguf
-
-    path = smollm2_gguf()
-    cfg = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(cfg)
-    return linear_shapes(skeleton)
-
-
 @pytest.fixture(scope="module")
 def card_files(tmp_path_factory, minilm):
-    """name -> (card, .lora.arrow path, .safetensors path) for MiniLM and SmolLM2."""
-    from safetensors.torch import save_file
-
-    d = tmp_path_factory.mktemp("cards")
-    out = {}
-    small = linear_shapes(minilm, r"attention\.self\.(query|value)$")
-    for label, shapes, rank in (("minilm12", small, 8), ("minilm", linear_shapes(minilm), RANK),
-                                ("smollm2", _smollm2_shapes(), RANK)):
-        card = random_card(shapes, name=f"{label}-r{rank}", rank=rank, alpha=32, seed=1)
-        arrow = LoRAFormat.save(card, d / f"{label}.lora.arrow")
-        st = d / f"{label}.safetensors"
-        tensors = {}
-        for k in card.modules:
-            tensors[f"{k}.lora_A.weight"] = card.weights_A[k]
-            tensors[f"{k}.lora_B.weight"] = card.weights_B[k]
-        save_file(tensors, st)
-        out[label] = (card, arrow, st)
-    assert len(out["minilm12"][0].modules) == 12
-    assert len(out["minilm"][0].modules) == 37 and len(out["smollm2"][0].modules) == 211
+    """name -> (card, .lora.arrow path, .safetensors path) for the cards of ``case.LOAD_CARDS``."""
+    out = case.load_cards(tmp_path_factory.mktemp("cards"), case.LOAD_CARDS, minilm)
+    assert [len(out[k][0].modules) for k in ("minilm12", "minilm", "smollm2")] == [12, 37, 211]
     return out
 
 
@@ -108,7 +87,7 @@ def card_files(tmp_path_factory, minilm):
 def report():
     """After the module: ratios to a JSON summary and the comparison PNG."""
     yield
-    if not RESULTS:
+    if not RESULTS and not LOAD_RATIOS:
         return
     ratios = {}
     for label in ("minilm12", "minilm", "smollm2"):
@@ -131,8 +110,10 @@ def report():
         if k.startswith("paired-overhead-"):
             ratios[k] = v
     SUMMARY.parent.mkdir(parents=True, exist_ok=True)
-    SUMMARY.write_text(json.dumps({"median_s": RESULTS, "ratios": ratios}, indent=2))
-    _png(RESULTS)
+    SUMMARY.write_text(json.dumps({"median_s": RESULTS, "ratios": ratios, "paired_load_ratios": LOAD_RATIOS,
+                                   "load_average": os.getloadavg()}, indent=2))
+    if RESULTS:  # pytest-benchmark timed something (not --benchmark-disable)
+        _png(RESULTS)
 
 
 def _png(res: dict[str, float]) -> None:
@@ -167,34 +148,66 @@ def _png(res: dict[str, float]) -> None:
 
 
 # --------------------------------------------------------------------------- (a) load
-def _read_safetensors(path: Path, framework: str = "pt") -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework=framework) as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
-@pytest.mark.parametrize("label", ["minilm12", "minilm", "smollm2"])
+@pytest.mark.parametrize("label", list(case.LOAD_CARDS))
 @pytest.mark.parametrize("verify", [pytest.param(True, id="verify"), pytest.param(False, id="noverify")])
 def test_load_arrow(benchmark, card_files, label, verify):
     card, arrow, _ = card_files[label]
     benchmark.group = f"load-{label}"
-    loaded = benchmark(LoRAFormat.load, arrow, verify=verify)
-    assert loaded.equal(card)
+    loaded = benchmark(case.load_card, arrow, verify)
+    case.check_loaded(card, loaded)
     _record(benchmark, f"load-{label}-arrow-{'verify' if verify else 'noverify'}")
 
 
-@pytest.mark.parametrize("label", ["minilm12", "minilm", "smollm2"])
+@pytest.mark.parametrize("label", list(case.LOAD_CARDS))
 @pytest.mark.parametrize("framework", ["pt", "np"])
 def test_load_safetensors(benchmark, card_files, label, framework):
     card, _, st = card_files[label]
     benchmark.group = f"load-{label}"
-    tensors = benchmark(_read_safetensors, st, framework)
-    assert len(tensors) == 2 * len(card.modules)
-    assert all(torch.equal(torch.as_tensor(tensors[f"{k}.lora_A.weight"]), card.weights_A[k]) and
-               torch.equal(torch.as_tensor(tensors[f"{k}.lora_B.weight"]), card.weights_B[k])
-               for k in card.modules)
+    tensors = benchmark(case.read_safetensors, st, framework)
+    case.check_loaded(card, None, tensors)
     _record(benchmark, f"load-{label}-safetensors-{framework}")
+
+
+@pytest.mark.parametrize("label", list(case.LOAD_CARDS))
+def test_load_paired(benchmark, card_files, label):
+    """Ours (verify off / on) and safetensors (pt / np) timed back to back in every round, the
+    order rotated from round to round; each ratio is ours / safetensors within one round, so
+    load from other processes hits both sides alike. A round times a batch of loads (a small
+    card loads in well under a millisecond)."""
+    card, arrow, st = card_files[label]
+    bodies = {"noverify": lambda: case.load_card(arrow, False), "verify": lambda: case.load_card(arrow, True),
+              "pt": lambda: case.read_safetensors(st, "pt"), "np": lambda: case.read_safetensors(st, "np")}
+    case.check_loaded(card, bodies["verify"](), bodies["np"]())
+    reps = max(1, round(2e-3 / _once(bodies["noverify"])))  # about 2 ms of our loads per side
+    names = list(bodies)
+    times: dict[str, list[float]] = {k: [] for k in names}
+
+    def one_round(r: int) -> None:
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            for _ in range(reps):
+                bodies[k]()
+            times[k].append((time.perf_counter() - t) / reps)
+
+    one_round(0)  # warm-up
+    times = {k: [] for k in names}
+    benchmark.group = "load-paired"
+    benchmark.pedantic(one_round, args=(0,), rounds=1, iterations=1)  # keeps --benchmark-only
+    for r in range(1, LOAD_ROUNDS):
+        one_round(r)
+    for ours in ("noverify", "verify"):
+        for fw in ("pt", "np"):
+            q = statistics.quantiles([o / p for o, p in zip(times[ours], times[fw])], n=4)
+            LOAD_RATIOS[f"load {label} arrow({ours})/safetensors({fw})"] = {
+                "median": q[1], "q1": q[0], "q3": q[2], "rounds": len(times[ours]), "loads_per_round": reps}
+    assert LOAD_RATIOS[f"load {label} arrow(noverify)/safetensors(pt)"]["median"] > 0
+
+
+def _once(fn) -> float:
+    fn()
+    t = time.perf_counter()
+    fn()
+    return max(time.perf_counter() - t, 1e-6)
 
 
 # --------------------------------------------------------------------------- (b) apply / remove
@@ -208,12 +221,7 @@ def peft_dir(tmp_path_factory, card_files):
 @pytest.fixture(scope="module")
 def expected_out(minilm, batch, card_files):
     """MiniLM with W + scaling·B@A written into its weights: the reference output."""
-    card = card_files["minilm"][0]
-    ref = copy.deepcopy(minilm)
-    with torch.no_grad():
-        for k in card.modules:
-            ref.get_submodule(k).weight += card.delta(k)
-        return ref(**batch).last_hidden_state
+    return case.expected_output(minilm, batch, card_files["minilm"][0])
 
 
 def _out(model, batch):
@@ -255,27 +263,20 @@ def test_apply_peft_from_pretrained(benchmark, minilm, batch, peft_dir, expected
 
 
 def test_apply_peft_inject(benchmark, minilm, batch, peft_dir, expected_out):
-    """PEFT's low-level path with the adapter already in memory (like apply_card)."""
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    cfg = LoraConfig.from_pretrained(peft_dir)
-    sd = load_file(str(peft_dir / "adapter_model.safetensors"))
-    sd = {k.removeprefix("base_model.model."): v for k, v in sd.items()}
+    """PEFT's low-level path with the adapter already in memory (like apply_card); the case
+    refuses a state dict PEFT does not take in full."""
+    inject_peft = case.peft_inject(peft_dir)
     holder = {}
 
     def fresh():
         return (copy.deepcopy(minilm),), {}
 
     def inject(base):
-        m = inject_adapter_in_model(cfg, base)
-        res = set_peft_model_state_dict(m, sd)
-        holder["m"], holder["res"] = m, res
+        holder["m"] = inject_peft(base)
 
     benchmark.group = "apply-minilm"
     benchmark.pedantic(inject, setup=fresh, rounds=10, iterations=1, warmup_rounds=1)
-    assert not holder["res"].unexpected_keys
-    torch.testing.assert_close(_out(holder["m"].eval(), batch), expected_out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_out(holder["m"], batch), expected_out, atol=1e-5, rtol=0)
     _record(benchmark, "apply-peft-inject")
 
 

@@ -16,6 +16,7 @@ import contextvars
 import math
 import warnings
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -153,7 +154,7 @@ class LoRACard:
             d = getattr(self, fld)
             if not isinstance(d, dict):
                 raise CardFormatError(f"card {self.name!r}: {fld} must be a dict of str -> Tensor")
-            if any(isinstance(v, np.ndarray) for v in d.values()):
+            if any(map(isinstance, d.values(), repeat(np.ndarray))):
                 # a new dict: the caller's stays as it was
                 setattr(self, fld, {k: _from_numpy(v, f"card {self.name!r}, module {k!r}, {fld[-1]}")
                                     if isinstance(v, np.ndarray) else v for k, v in d.items()})
@@ -167,13 +168,16 @@ class LoRACard:
                 f"{sorted(a - b)}, only in weights_B {sorted(b - a)}")
         if not a:
             raise CardFormatError(f"card {self.name!r}: has no modules")
-        for k in a:
-            if not isinstance(k, str) or not k or k.endswith(".weight"):
-                raise CardFormatError(
-                    f"card {self.name!r}: module key {k!r} must be a non-empty module name "
-                    f"without '.weight'")
+        # builtins over all keys at once (the loop runs in C); the slow loop only names a bad key
+        if (not all(map(isinstance, a, repeat(str))) or "" in a
+                or any(map(str.endswith, a, repeat(".weight")))):
+            for k in a:
+                if not isinstance(k, str) or not k or k.endswith(".weight"):
+                    raise CardFormatError(
+                        f"card {self.name!r}: module key {k!r} must be a non-empty module name "
+                        f"without '.weight'")
         t = self.target_modules
-        if not t or any(not isinstance(x, str) or not x for x in t) or len(set(t)) != len(t):
+        if not t or not all(map(isinstance, t, repeat(str))) or "" in t or len(set(t)) != len(t):
             raise CardFormatError(
                 f"card {self.name!r}: target_modules must be distinct non-empty strings, got {t!r}")
         # PEFT's rule: a target names a module key exactly or is a '.'-suffix of it.

@@ -89,14 +89,13 @@ class LoRAFormat:
         # The hash runs on a worker thread (hashlib releases the GIL on large buffers) while
         # this thread builds and value-scans the card; no tensor leaves before both are done.
         job = parsed["checksum_job"]
-        nbytes = sum(r["len_a"] + r["len_b"] for r in parsed["rows"])
         # Small cards hash inline: handing a few hundred KiB to a thread cost more (queue and
         # wake-up, worse on a loaded machine) than hashing them here.
-        inline = job is not None and nbytes < _INLINE_HASH_BYTES
+        inline = job is not None and parsed["rows"].tensor_bytes() < _INLINE_HASH_BYTES
         pending = _hash_pool().submit(job) if job is not None and not inline else None
-        # The value scan, one reduction per column instead of one per tensor (a small card's
-        # verify time was mostly per-tensor calls); only when it finds a NaN/inf does the
-        # card's per-tensor scan run, to name the module.
+        # The value scan, over each tensor column's values buffer at once instead of tensor by
+        # tensor (a small card's verify time was mostly per-tensor calls); only when it finds a
+        # NaN/inf does the card's per-tensor scan run, to name the module.
         token = _SKIP_VALUE_SCAN.set(not verify or _columns_finite(parsed))
         built: LoRACard | None = None
         error: CardFormatError | None = None
@@ -131,6 +130,7 @@ class LoRAFormat:
         finally:
             _SKIP_VALUE_SCAN.reset(token)
         rows = p["rows"]
+        records = rows.records()
         return {
             "path": str(path),
             "version": p["version"],
@@ -141,13 +141,11 @@ class LoRAFormat:
             "base_fingerprint": p["fingerprint"],
             "target_modules": p["targets"],
             "num_modules": len(rows),
-            "modules": [{"module": r["module"], "rank": r["rank"], "alpha": r["alpha"],
-                         "dtype_a": r["dtype_a"], "dtype_b": r["dtype_b"],
-                         "shape_a": r["shape_a"], "shape_b": r["shape_b"]} for r in rows],
-            "ranks": sorted({r["rank"] for r in rows}),
-            "dtypes": sorted({r[k] for r in rows for k in ("dtype_a", "dtype_b")}),
+            "modules": records,
+            "ranks": sorted({r["rank"] for r in records}),
+            "dtypes": sorted({r[k] for r in records for k in ("dtype_a", "dtype_b")}),
             "file_bytes": p["file_bytes"],
-            "tensor_bytes": sum(r["len_a"] + r["len_b"] for r in rows),
+            "tensor_bytes": rows.tensor_bytes(),
             "checksum": p["checksum_status"],
             "checksum_value": p["checksum_stored"],
             "metadata": p["metadata"],
@@ -155,34 +153,42 @@ class LoRAFormat:
 
 
 def _columns_finite(parsed: dict[str, Any]) -> bool:
-    """True when every value of both tensor columns is finite, checked with one reduction per
-    column; False when a column holds a NaN/inf or mixes dtypes / alignments (the per-tensor
-    scan then decides and names the module)."""
+    """True when every value of both tensor columns is finite, each column's values buffer
+    (all its tensors, end to end) scanned at once; False when a column holds a NaN/inf or mixes
+    dtypes or is unaligned (the card's per-tensor scan then decides and names the module)."""
     rows, mm = parsed["rows"], parsed["mmap"]
     for side in ("a", "b"):
-        dts = {r[f"dtype_{side}"] for r in rows}
-        if len(dts) != 1:
+        dt = rows.uniform[side]
+        if dt not in spec.ITEMSIZE:  # mixed dtypes, or v1 float64 (converted per tensor anyway)
             return False
-        dt = dts.pop()
-        if dt not in spec.ITEMSIZE:  # v1 float64: converted per tensor anyway
-            return False
-        start = rows[0][f"pos_{side}"]
-        nbytes = rows[-1][f"pos_{side}"] + rows[-1][f"len_{side}"] - start
-        item = spec.ITEMSIZE[dt]
-        if start % item or nbytes % item or nbytes != sum(r[f"len_{side}"] for r in rows):
-            return False
-        # Exponent bits all ones <=> NaN or inf. NumPy on integer views: single-threaded (a
-        # torch reduction this size wakes its OpenMP pool, which cost more than the scan).
-        utype, mask = _EXPONENT[dt]
-        u = np.frombuffer(mm, dtype=utype, count=nbytes // item, offset=start)
-        if np.any((u & mask) == mask):
+        start, end = rows.span(side)
+        if start % spec.ITEMSIZE[dt] or not _finite(mm, start, end, dt):
             return False
     return True
 
 
-#: dtype name -> (unsigned view, exponent mask)
-_EXPONENT = {"float32": (np.uint32, np.uint32(0x7F800000)), "float16": (np.uint16, np.uint16(0x7C00)),
-             "bfloat16": (np.uint16, np.uint16(0x7F80))}
+def _finite(mm, start: int, end: int, dt: str) -> bool:
+    """No NaN/inf among the ``dt`` values in ``mm[start:end]``. Single-threaded NumPy (a torch
+    reduction this size wakes its OpenMP pool, which cost more than the scan)."""
+    count = (end - start) // spec.ITEMSIZE[dt]
+    if not count:
+        return True
+    if dt == "float32":
+        # max and min propagate NaN and reach +-inf: two SIMD passes, no temporary array
+        v = np.frombuffer(mm, dtype=np.float32, count=count, offset=start)
+        return bool(np.isfinite(v.max()) and np.isfinite(v.min()))
+    # 16-bit floats: NaN/inf <=> exponent bits all ones <=> magnitude bits >= the inf pattern
+    # (NumPy's float16 max is not vectorised; bfloat16 is not a NumPy type)
+    u = np.frombuffer(mm, dtype=np.uint16, count=count, offset=start)
+    inf = _INF16[dt]
+    for i in range(0, count, _CHUNK):  # bounded temporaries
+        if (u[i:i + _CHUNK] & np.uint16(0x7FFF)).max() >= inf:
+            return False
+    return True
+
+
+_INF16 = {"float16": 0x7C00, "bfloat16": 0x7F80}
+_CHUNK = 1 << 22
 
 
 # ---------------------------------------------------------------------- writer helpers
