@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -63,13 +65,24 @@ def minilm_tokenizer(minilm_dir):
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op torch thread for a module's tests: on the shared 2-core CI machine, two
-    threads fighting the other tenants' load run several times slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def encoder():
+    """The bundled MiniLM as a SentenceEncoder, one per test module."""
+    from aios_fast import SentenceEncoder
+
+    return SentenceEncoder()
+
+
+@pytest.fixture(scope="module")
+def domain_router(encoder):
+    """A LoRARouter on ``encoder`` with one skill per domain of tests/data/routing/domains.json
+    (its description and register examples), one per test module: tests may calibrate it."""
+    from aios_fast import LoRARouter
+
+    data = json.loads((Path(__file__).parent / "data" / "routing" / "domains.json").read_text())
+    r = LoRARouter(encoder)
+    for name, d in data["domains"].items():
+        r.add_skill(name, d["description"], d["register"])
+    return r
 
 
 # --- teacher servers (real HTTP servers on 127.0.0.1; see tests/servers/) ---------------------

@@ -21,11 +21,6 @@ TEXTS = {
 
 
 @pytest.fixture(scope="module")
-def encoder():
-    return SentenceEncoder()
-
-
-@pytest.fixture(scope="module")
 def st_model(minilm_dir):
     from sentence_transformers import SentenceTransformer
 

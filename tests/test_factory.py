@@ -26,13 +26,6 @@ CONFIG = dict(min_records=10, rank=8, epochs=3, lr=3e-3, batch_size=16)
 
 
 @pytest.fixture(scope="module")
-def encoder():
-    from aios_fast.engines import SentenceEncoder
-
-    return SentenceEncoder()
-
-
-@pytest.fixture(scope="module")
 def night1(encoder, tmp_path_factory):
     from aios_fast.factory import SkillFactory
     from aios_fast.learn import QALogger

@@ -42,13 +42,6 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def encoder():
-    from aios_fast.engines import SentenceEncoder
-
-    return SentenceEncoder()
-
-
-@pytest.fixture(scope="module")
 def published_card(encoder, tmp_path_factory):
     """A's skill: trained, gated, saved; plus the outputs it gives at training time."""
     seen = {}

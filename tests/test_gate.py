@@ -29,13 +29,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def encoder():
-    from aios_fast.engines import SentenceEncoder
-
-    return SentenceEncoder()
-
-
-@pytest.fixture(scope="module")
 def cards(encoder):
     shapes = linear_shapes(encoder.model, r"attention\.self\.(query|value)$")
     candidate = random_card(shapes, name="skill", rank=4, seed=11, std=0.02)

@@ -23,13 +23,6 @@ BEES = ["how do I get started with beekeeping as a hobby", "what equipment does 
 
 
 @pytest.fixture(scope="module")
-def encoder():
-    from aios_fast import SentenceEncoder
-
-    return SentenceEncoder()
-
-
-@pytest.fixture(scope="module")
 def cards(encoder, tmp_path_factory):
     """Two real skills trained with LoRATrainer on tiny data (a few seconds each), saved."""
     from aios_fast import LoRATrainer

@@ -63,8 +63,14 @@ CASES = [
 
 @pytest.mark.parametrize("reply, expected, kinds", [pytest.param(*c[1:], id=c[0]) for c in CASES])
 def test_parse_table(reply, expected, kinds):
-    pairs, reasons = parse_qa_pairs(reply)
-    assert pairs == expected
+    check_parsed(parse_qa_pairs(reply), expected, kinds)
+
+
+def check_parsed(result, expected, kinds):
+    """``result`` (what a parse function returned) keeps ``expected`` and drops the rest for the
+    reasons counted in ``kinds``, every reason of a known kind."""
+    kept, reasons = result
+    assert kept == expected
     assert count_reasons(reasons) == kinds
     assert all(r.split(":", 1)[0] in REJECTION_KINDS for r in reasons), reasons
 
@@ -112,7 +118,4 @@ QUESTION_CASES = [
 def test_parse_questions(reply, expected, kinds):
     from aios_fast.evolve.parsing import parse_questions
 
-    questions, reasons = parse_questions(reply)
-    assert questions == expected
-    assert count_reasons(reasons) == kinds
-    assert all(r.split(":", 1)[0] in REJECTION_KINDS for r in reasons), reasons
+    check_parsed(parse_questions(reply), expected, kinds)

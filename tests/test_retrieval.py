@@ -36,13 +36,6 @@ a half loaf keeps for a week wrapped in linen.
 """
 
 
-@pytest.fixture(scope="module")
-def encoder():
-    from aios_fast import SentenceEncoder
-
-    return SentenceEncoder()
-
-
 @pytest.fixture()
 def docs(tmp_path):
     (tmp_path / "ferry.md").write_text(FERRY)

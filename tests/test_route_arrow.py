@@ -32,13 +32,6 @@ def test_card_prototypes_use_hf_keys():
     assert float(protos["encoder.layer.0.attention.self.query"].norm()) == pytest.approx(1.0, abs=1e-6)
 
 
-@pytest.fixture(scope="module")
-def encoder():
-    from aios_fast import SentenceEncoder
-
-    return SentenceEncoder()
-
-
 def test_scores_equal_hidden_state_reference(encoder):
     keys = ["encoder.layer.0.attention.self.query", "encoder.layer.3.output.dense"]
     shapes = {keys[0]: (384, 384), keys[1]: (1536, 384)}

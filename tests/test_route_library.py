@@ -29,13 +29,6 @@ def sha(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def encoder():
-    from aios_fast import SentenceEncoder
-
-    return SentenceEncoder()
-
-
 class CountingEncoder:
     """The real encoder, counting the texts it is asked to embed."""
 

@@ -27,21 +27,6 @@ OOD = DATA["out_of_domain"]
 SHAPES = {"encoder.layer.0.attention.self.query": (384, 384)}
 
 
-@pytest.fixture(scope="module")
-def encoder():
-    from aios_fast import SentenceEncoder
-
-    return SentenceEncoder()
-
-
-@pytest.fixture(scope="module")
-def router(encoder):
-    r = LoRARouter(encoder)
-    for name, d in DOMAINS.items():
-        r.add_skill(name, d["description"], d["register"])
-    return r
-
-
 def evaluate(router):
     """Held-out accuracy, ECE (10 bins; OOD queries count as wrong) and AUROC (in vs out)."""
     rs = router.route_many([q for q, _ in HELDOUT] + OOD)
@@ -53,36 +38,36 @@ def evaluate(router):
 
 
 @pytest.mark.slow  # ~20 s on the shared 2-core machine (encodes ~200 texts, fits twice)
-def test_heldout_routing_with_default_and_fitted_calibration(router, encoder):
+def test_heldout_routing_with_default_and_fitted_calibration(domain_router, encoder):
     assert len(DOMAINS) >= 5 and not {q for q, _ in HELDOUT} & {q for d in DOMAINS.values() for q in d["register"]}
-    acc, ece, au = evaluate(router)
+    acc, ece, au = evaluate(domain_router)
     print(f"\ndefault map: accuracy {acc:.3f}  ECE {ece:.3f}  AUROC {au:.3f}")
-    assert router.calibration_state == "default"
+    assert domain_router.calibration_state == "default"
     assert acc >= 0.85
     assert au >= 0.88               # the tuning-set defaults already separate in from out
-    report = router.calibrate(save=False)
+    report = domain_router.calibrate(save=False)
     print(f"fit (out-of-fold): {report}")
     assert report["n_negatives"] == len(general_negatives()) and report["n_in_domain"] == 60
     assert report["ece"] <= 0.15 and report["auroc"] >= 0.85
-    acc2, ece2, au2 = evaluate(router)
+    acc2, ece2, au2 = evaluate(domain_router)
     print(f"fitted map:  accuracy {acc2:.3f}  ECE {ece2:.3f}  AUROC {au2:.3f}")
     assert acc2 == acc              # calibration changes confidence, never the ranking
     assert ece2 <= 0.2 and ece2 < ece
     assert au2 >= 0.9
-    assert router.calibration_state == "fitted"
+    assert domain_router.calibration_state == "fitted"
 
 
-def test_route_result_shape_and_threshold(router):
-    r = router.route("how long should I boil pasta for", top_k=2)
+def test_route_result_shape_and_threshold(domain_router):
+    r = domain_router.route("how long should I boil pasta for", top_k=2)
     assert isinstance(r, RouteResult) and len(r.ranked) == 2
     assert r.ranked[0][0] == "cooking" and r.ranked[0][1] >= r.ranked[1][1]
     assert r.margin == pytest.approx(r.ranked[0][1] - r.ranked[1][1], abs=1e-6)
     assert 0.0 <= r.confidence <= 1.0
-    assert r.skill == ("cooking" if r.confidence >= router.threshold else None)
-    ood = router.route("Who won the Tour de France in 1998?")
+    assert r.skill == ("cooking" if r.confidence >= domain_router.threshold else None)
+    ood = domain_router.route("Who won the Tour de France in 1998?")
     assert ood.skill is None and ood.confidence < 0.3
-    assert router.select("how long should I boil pasta for", threshold=0.0) == ["cooking"]
-    assert router.select("how long should I boil pasta for", threshold=0.99) == []
+    assert domain_router.select("how long should I boil pasta for", threshold=0.0) == ["cooking"]
+    assert domain_router.select("how long should I boil pasta for", threshold=0.99) == []
 
 
 def naive_scores(router, skills, E):

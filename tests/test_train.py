@@ -32,13 +32,6 @@ DISTRACTORS = [r["answer"] for r in TRAIN]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def encoder():
-    from aios_fast.engines import SentenceEncoder
-
-    return SentenceEncoder()
-
-
 def _snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -113,13 +113,6 @@ def test_config_resolves_per_objective_defaults_and_validates():
     assert recipe.SCHEDULES == ("constant", "linear", "cosine")
 
 
-@pytest.fixture(scope="module")
-def encoder():
-    from aios_fast.engines import SentenceEncoder
-
-    return SentenceEncoder()
-
-
 def test_contrastive_needs_two_distinct_answers(encoder):
     from aios_fast.learn import LoRATrainer
 

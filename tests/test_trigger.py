@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aios_fast import CognitiveTrigger, InputError, LearningRequest, LoRARouter, RouteResult
+from aios_fast import CognitiveTrigger, InputError, LearningRequest, RouteResult
 from aios_fast.evolve.trigger import read_decision_log
 
 DATA = json.loads((Path(__file__).parent / "data" / "routing" / "domains.json").read_text())
@@ -40,35 +40,20 @@ BEEKEEPING = [
 ]
 
 
-@pytest.fixture(scope="module")
-def encoder():
-    from aios_fast import SentenceEncoder
-
-    return SentenceEncoder()
-
-
-@pytest.fixture(scope="module")
-def router(encoder):
-    r = LoRARouter(encoder)
-    for name, d in DATA["domains"].items():
-        r.add_skill(name, d["description"], d["register"])
-    return r
-
-
-def test_confident_query_fires_nothing(router, tmp_path):
+def test_confident_query_fires_nothing(domain_router, tmp_path):
     trig = CognitiveTrigger(state_dir=tmp_path, min_support=1)
     q = DATA["domains"]["car_maintenance"]["register"][0]
-    r = router.route(q)
+    r = domain_router.route(q)
     assert r.skill == "car_maintenance" and r.confidence >= 0.5
     d = trig.observe(q, r)
     assert (d.fired, d.reason, d.topic_id, d.request) == (False, "confident", None, None)
     assert trig.topics() == []
 
 
-def test_twenty_paraphrases_of_a_new_topic_fire_exactly_one_request(router, encoder, tmp_path):
+def test_twenty_paraphrases_of_a_new_topic_fire_exactly_one_request(domain_router, encoder, tmp_path):
     trig = CognitiveTrigger(min_support=5, state_dir=tmp_path)
     E = encoder.encode(BEEKEEPING)
-    routes = router.route_embeddings(E)
+    routes = domain_router.route_embeddings(E)
     assert all(trig.is_unsure(r) for r in routes)          # no skill covers beekeeping
     decisions = [trig.observe(q, r, embedding=e) for q, r, e in zip(BEEKEEPING, routes, E)]
     fired = [d for d in decisions if d.fired]
@@ -92,11 +77,11 @@ def test_twenty_paraphrases_of_a_new_topic_fire_exactly_one_request(router, enco
     assert log[0]["query"] == BEEKEEPING[0] and log[0]["topic_id"] == req.topic_id
 
 
-def test_unrelated_unsure_queries_do_not_join_the_topic(router, encoder):
+def test_unrelated_unsure_queries_do_not_join_the_topic(domain_router, encoder):
     trig = CognitiveTrigger(min_support=5)
     mixed = [q for pair in zip(BEEKEEPING[:12], DATA["out_of_domain"][:12]) for q in pair]
     E = encoder.encode(mixed)
-    decisions = [trig.observe(q, r, embedding=e) for q, r, e in zip(mixed, router.route_embeddings(E), E)]
+    decisions = [trig.observe(q, r, embedding=e) for q, r, e in zip(mixed, domain_router.route_embeddings(E), E)]
     fired = [d for d in decisions if d.fired]
     assert len(fired) == 1 and set(fired[0].request.queries) <= set(BEEKEEPING)
     topic = {t["topic_id"]: t for t in trig.topics()}[fired[0].topic_id]

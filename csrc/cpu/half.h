@@ -1,5 +1,6 @@
 // Half-precision to float conversion by bits, shared by every CPU kernel that reads
-// float16 / bfloat16 buffers directly (no upcast copy).
+// float16 / bfloat16 buffers directly (no upcast copy), and the dtype codes those kernels
+// take from Python.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -28,6 +29,17 @@ inline float f16_to_float(uint16_t h) {
     bits |= sign;
     std::memcpy(&f, &bits, sizeof f);
     return f;
+}
+
+// Element dtype codes (the Python layers pass these numbers).
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+// Element i of a buffer of dtype DT, as float.
+template <int DT>
+inline float load_elem(const void* base, int64_t i) {
+    if constexpr (DT == kF32) return static_cast<const float*>(base)[i];
+    if constexpr (DT == kBF16) return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
+    return f16_to_float(static_cast<const uint16_t*>(base)[i]);
 }
 
 }  // namespace aios

@@ -20,20 +20,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
-
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
-#define AIOS_X86_DISPATCH 1
-#endif
 
 #ifdef AIOS_FAST_WITH_OPENMP
 #include <omp.h>
 #endif
 
+#include "cpu/dispatch.h"
 #include "cpu/half.h"
 #include "registry.h"
 #ifdef AIOS_FAST_WITH_CUDA
@@ -45,22 +40,13 @@ namespace py = pybind11;
 namespace aios {
 namespace {
 
-enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
-
-template <int DT>
-inline float load_one(const void* base, int64_t i) {
-    if constexpr (DT == kF32) return static_cast<const float*>(base)[i];
-    if constexpr (DT == kBF16) return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
-    return f16_to_float(static_cast<const uint16_t*>(base)[i]);
-}
-
 // One row, portable: returns the row's sum of squares and adds x^2 into ch.
 template <int DT>
 float row_portable(const void* row, int64_t cols, float* ch) {
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
     for (int64_t j = 0; j < cols; ++j) {
-        const float v = load_one<DT>(row, j);
+        const float v = load_elem<DT>(row, j);
         const float q = v * v;
         s += q;
         ch[j] += q;
@@ -105,24 +91,13 @@ __attribute__((target("avx2,fma,f16c"))) float row_avx2(const void* row, int64_t
     lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
     float s = _mm_cvtss_f32(lo);
     for (; j < cols; ++j) {  // tail (cols not a multiple of 8)
-        const float v = load_one<DT>(row, j);
+        const float v = load_elem<DT>(row, j);
         s += v * v;
         ch[j] += v * v;
     }
     return s;
 }
 
-bool cpu_has_avx2() {
-    // AIOS_FAST_NO_AVX2=1 forces the portable path (so tests can cover it on AVX2 machines).
-    static const bool ok = [] {
-        const char* off = std::getenv("AIOS_FAST_NO_AVX2");
-        if (off && off[0] && off[0] != '0') return false;
-        __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-               __builtin_cpu_supports("f16c");
-    }();
-    return ok;
-}
 #endif
 
 using RowFn = float (*)(const void*, int64_t, float*);
@@ -130,7 +105,7 @@ using RowFn = float (*)(const void*, int64_t, float*);
 template <int DT>
 RowFn pick_row_fn() {
 #ifdef AIOS_X86_DISPATCH
-    if (cpu_has_avx2()) return &row_avx2<DT>;
+    if (cpu_has_avx2() && cpu_has_f16c()) return &row_avx2<DT>;
 #endif
     return &row_portable<DT>;
 }

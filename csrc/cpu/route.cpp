@@ -22,17 +22,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <functional>
 #include <limits>
 #include <stdexcept>
 #include <vector>
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
-#define AIOS_X86_DISPATCH 1
-#endif
-
+#include "cpu/dispatch.h"
 #include "registry.h"
 
 namespace py = pybind11;
@@ -100,17 +95,6 @@ __attribute__((target("avx2"))) int32_t dot_i8_avx2(const int8_t* e, const int16
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
     return _mm_cvtsi128_si32(s);
-}
-
-bool route_has_avx2() {
-    // AIOS_FAST_NO_AVX2=1 forces the portable path (so tests can cover it on AVX2 machines).
-    static const bool ok = [] {
-        const char* off = std::getenv("AIOS_FAST_NO_AVX2");
-        if (off && off[0] && off[0] != '0') return false;
-        __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    }();
-    return ok;
 }
 #endif
 
@@ -234,7 +218,7 @@ py::tuple route_topk_cpu(uintptr_t E, uintptr_t Eq, uintptr_t scale, uintptr_t n
     DotF32 dotf = &dot_f32_portable;
     DotI8 doti = &dot_i8_portable;
 #ifdef AIOS_X86_DISPATCH
-    if (route_has_avx2()) {
+    if (cpu_has_avx2()) {
         dotf = &dot_f32_avx2;
         doti = &dot_i8_avx2;
     }

@@ -28,20 +28,7 @@ namespace py = pybind11;
 namespace aios {
 namespace {
 
-enum Kind { F32 = 0, F16 = 1, BF16 = 2 };
-
-template <Kind K>
-inline float load(const void* p, int64_t i) {
-    if constexpr (K == F32) {
-        return static_cast<const float*>(p)[i];
-    } else if constexpr (K == F16) {
-        return f16_to_float(static_cast<const uint16_t*>(p)[i]);
-    } else {
-        return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
-    }
-}
-
-template <Kind K>
+template <int DT>
 double delta_kernel(const void* t, const void* b, float* out, int64_t n) {
     double total = 0.0;
     // Chunks of 4096 elements: each thread accumulates its chunk in float (exact enough
@@ -57,14 +44,14 @@ double delta_kernel(const void* t, const void* b, float* out, int64_t n) {
         if (b != nullptr) {
 #pragma omp simd reduction(+ : acc)
             for (int64_t i = lo; i < hi; ++i) {
-                float d = load<K>(t, i) - load<K>(b, i);
+                float d = load_elem<DT>(t, i) - load_elem<DT>(b, i);
                 out[i] = d;
                 acc += d * d;
             }
         } else {
 #pragma omp simd reduction(+ : acc)
             for (int64_t i = lo; i < hi; ++i) {
-                float d = load<K>(t, i);
+                float d = load_elem<DT>(t, i);
                 out[i] = d;
                 acc += d * d;
             }
@@ -75,9 +62,9 @@ double delta_kernel(const void* t, const void* b, float* out, int64_t n) {
 }
 
 int kind_of(const std::string& k) {
-    if (k == "float32") return F32;
-    if (k == "float16") return F16;
-    if (k == "bfloat16") return BF16;
+    if (k == "float32") return kF32;
+    if (k == "float16") return kF16;
+    if (k == "bfloat16") return kBF16;
     throw std::invalid_argument("delta_tile: kind must be float32, float16 or bfloat16, got " + k);
 }
 
@@ -85,7 +72,7 @@ int kind_of(const std::string& k) {
 // elements of `kind` (2-byte kinds passed as int16/uint16 buffers); out: n float32.
 double delta_tile(py::buffer t, py::object b, py::buffer out, const std::string& kind) {
     const int k = kind_of(kind);
-    const py::ssize_t esize = k == F32 ? 4 : 2;
+    const py::ssize_t esize = k == kF32 ? 4 : 2;
     py::buffer_info ti = t.request();
     py::buffer_info oi = out.request(true);
     if (ti.itemsize != esize || oi.itemsize != 4) throw std::invalid_argument("delta_tile: item sizes do not match kind");
@@ -106,9 +93,9 @@ double delta_tile(py::buffer t, py::object b, py::buffer out, const std::string&
         // Safe to release the GIL: the buffers stay alive through the py::buffer_info
         // objects held in this frame, and the loop touches no Python object.
         py::gil_scoped_release release;
-        if (k == F32) s = delta_kernel<F32>(tp, bp, op, n);
-        else if (k == F16) s = delta_kernel<F16>(tp, bp, op, n);
-        else s = delta_kernel<BF16>(tp, bp, op, n);
+        if (k == kF32) s = delta_kernel<kF32>(tp, bp, op, n);
+        else if (k == kF16) s = delta_kernel<kF16>(tp, bp, op, n);
+        else s = delta_kernel<kBF16>(tp, bp, op, n);
     }
     return s;
 }

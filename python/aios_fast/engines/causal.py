@@ -10,7 +10,6 @@ the GGUF's SHA-256 and the transformers version; later loads read that in second
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
@@ -20,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from .._hashing import file_sha256
 from ..errors import InputError
 from ._util import resolve_device
 
@@ -36,14 +36,6 @@ def cache_root() -> Path:
         return Path(env)
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "aios_fast"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _load_from_gguf(gguf: Path):
@@ -119,7 +111,7 @@ class CausalLM:
         model = tokenizer = None
         cached = None
         if cache:
-            key = f"{_sha256(self.gguf_path)[:24]}-tf{transformers.__version__}-v{_CACHE_FORMAT}"
+            key = f"{file_sha256(self.gguf_path)[:24]}-tf{transformers.__version__}-v{_CACHE_FORMAT}"
             cached = cache_root() / "gguf" / f"{self.gguf_path.stem}-{key}"
             if (cached / "COMPLETE").is_file():
                 tokenizer = AutoTokenizer.from_pretrained(cached)

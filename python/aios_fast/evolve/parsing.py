@@ -323,6 +323,31 @@ def _text_field(value: Any, what: str, idx: str, reasons: list[str]) -> str | No
     return text
 
 
+def _reply_rejected(text: Any, max_reply_chars: int) -> str | None:
+    """Why a whole reply is refused before any parsing (``empty_reply``, ``reply_too_long``),
+    or None when it may be parsed."""
+    if not isinstance(text, str) or not text.strip():
+        return f"empty_reply: the reply is {'empty' if isinstance(text, str) else type(text).__name__}"
+    if len(text) > max_reply_chars:
+        return f"reply_too_long: {len(text)} characters, more than max_reply_chars={max_reply_chars}"
+    return None
+
+
+def _admit(q: str, fq: str, idx: str, seen: set[str], kept: int, limit: int | None, limit_name: str,
+           reasons: list[str]) -> bool:
+    """Whether the valid question ``q`` (fingerprint ``fq``) is kept: not a repeat of a kept
+    question and within ``limit`` (``kept`` are kept so far). Adds ``fq`` to ``seen`` when kept,
+    else records a ``duplicate`` or ``over_limit`` reason."""
+    if fq in seen:
+        reasons.append(f"duplicate: {idx} repeats the question {_short(q)}")
+        return False
+    if limit is not None and kept >= limit:
+        reasons.append(f"over_limit: {idx} beyond {limit_name}={limit}")
+        return False
+    seen.add(fq)
+    return True
+
+
 def parse_qa_pairs(text: Any, *, max_pairs: int | None = None, min_question_chars: int = 5,
                    max_question_chars: int = 400, max_answer_chars: int = 2000,
                    max_reply_chars: int = 200_000) -> tuple[list[tuple[str, str]], list[str]]:
@@ -339,11 +364,9 @@ def parse_qa_pairs(text: Any, *, max_pairs: int | None = None, min_question_char
         ``(pairs, reasons)``: the kept pairs in reply order, and one ``"<kind>: <detail>"`` string
         per dropped item (``kind`` from :data:`REJECTION_KINDS`).
     """
+    if rejected := _reply_rejected(text, max_reply_chars):
+        return [], [rejected]
     reasons: list[str] = []
-    if not isinstance(text, str) or not text.strip():
-        return [], [f"empty_reply: the reply is {'empty' if isinstance(text, str) else type(text).__name__}"]
-    if len(text) > max_reply_chars:
-        return [], [f"reply_too_long: {len(text)} characters, more than max_reply_chars={max_reply_chars}"]
 
     depth = _max_depth(text)
     if depth > _MAX_DEPTH:
@@ -399,14 +422,8 @@ def parse_qa_pairs(text: Any, *, max_pairs: int | None = None, min_question_char
         if _fingerprint(a) == fq:
             reasons.append(f"answer_repeats_question: {idx} answer is the question {_short(q)}")
             continue
-        if fq in seen:
-            reasons.append(f"duplicate: {idx} repeats the question {_short(q)}")
-            continue
-        if max_pairs is not None and len(pairs) >= max_pairs:
-            reasons.append(f"over_limit: {idx} beyond max_pairs={max_pairs}")
-            continue
-        seen.add(fq)
-        pairs.append((q, a))
+        if _admit(q, fq, idx, seen, len(pairs), max_pairs, "max_pairs", reasons):
+            pairs.append((q, a))
     return pairs, reasons
 
 
@@ -423,10 +440,8 @@ def parse_questions(text: Any, *, max_questions: int | None = None, min_chars: i
 
     Returns ``(questions, reasons)``.
     """
-    if not isinstance(text, str) or not text.strip():
-        return [], [f"empty_reply: the reply is {'empty' if isinstance(text, str) else type(text).__name__}"]
-    if len(text) > max_reply_chars:
-        return [], [f"reply_too_long: {len(text)} characters, more than max_reply_chars={max_reply_chars}"]
+    if rejected := _reply_rejected(text, max_reply_chars):
+        return [], [rejected]
     reasons: list[str] = []
     candidates: list[tuple[str, Any]] = []
     depth = _max_depth(text)
@@ -463,15 +478,8 @@ def parse_questions(text: Any, *, max_questions: int | None = None, min_chars: i
             continue
         if not _question_length_ok(q, idx, min_chars, max_chars, reasons):
             continue
-        fq = _fingerprint(q)
-        if fq in seen:
-            reasons.append(f"duplicate: {idx} repeats the question {_short(q)}")
-            continue
-        if max_questions is not None and len(out) >= max_questions:
-            reasons.append(f"over_limit: {idx} beyond max_questions={max_questions}")
-            continue
-        seen.add(fq)
-        out.append(q)
+        if _admit(q, _fingerprint(q), idx, seen, len(out), max_questions, "max_questions", reasons):
+            out.append(q)
     return out, reasons
 
 

@@ -13,7 +13,6 @@ the same seeds on CPU whichever executor ran them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -22,20 +21,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .._hashing import file_sha256
 from ..errors import InputError
 
 __all__ = ["TrainJob", "ExtractJob", "run_job", "run_train_job", "run_extract_job", "register_engine",
            "engine_spec", "file_sha256"]
 
 _ENGINES: dict[str, Any] = {}  # engine spec key -> loaded engine, per process
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def engine_spec(engine: Any) -> dict[str, str]:

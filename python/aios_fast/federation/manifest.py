@@ -14,7 +14,6 @@ self-signed; whether its publisher is *trusted* is the keyring's decision (``tru
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._hashing import file_sha256
 from .errors import ManifestError, TrustError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -57,11 +57,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 def card_id(path: str | Path, chunk: int = 1 << 20) -> str:
     """The id of the card file at ``path``: hex SHA-256 (FIPS 180-4) of its bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(path, chunk)
 
 
 def is_card_id(value: object) -> bool:

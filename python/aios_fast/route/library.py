@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from .._atomic import _UMASK, atomic_write, atomic_write_bytes
+from .._hashing import file_sha256
 from ..errors import CardFormatError, InputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -204,14 +205,6 @@ def _move_durably(src: Path, dst: Path) -> bool:
     return True
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------- the library
 class SkillLibrary:
     """A directory of skill cards with one index; see the module docstring for the layout.
@@ -347,7 +340,7 @@ class SkillLibrary:
             self._note(msg)
             raise CardFormatError(msg)
         if verify:
-            actual = _sha256_file(entry.path)
+            actual = file_sha256(entry.path)
             if actual != entry.content_hash:
                 msg = (f"card file of {entry.key} was changed or damaged: {entry.path} hashes to "
                        f"{actual}, the library recorded {entry.content_hash}")
@@ -437,7 +430,7 @@ class SkillLibrary:
                                     else card.metadata.get("validation"), where)
             desc = description if description is not None else card.metadata.get("description", "")
             passed = bool(val.get("passed", False)) if val is not None else origin != "peer"
-            content_hash = _owned_sha256 or _sha256_file(staged)
+            content_hash = _owned_sha256 or file_sha256(staged)
             with self._write_lock():
                 self._load()
                 for e in self.versions(name):
@@ -702,7 +695,7 @@ class SkillLibrary:
                     f"(truncated or replaced): {entry.path}; skipped")
         if st.st_mtime_ns != mtime_ns:
             # touched since it was added: only the bytes' hash can tell whether it changed
-            if _sha256_file(entry.path) != entry.content_hash:
+            if file_sha256(entry.path) != entry.content_hash:
                 return (f"card file of {entry.key} no longer matches its content hash "
                         f"(damaged or tampered): {entry.path}; skipped")
         self._stats[entry.key] = (st.st_size, st.st_mtime_ns)
