@@ -167,6 +167,13 @@ def test_render_into_markdown_between_markers(probe_report, tmp_path, capsys):
     # a named block sits beside the unnamed one; without --into the Markdown is printed
     assert main(["bench", "render", str(rep), "--into", str(md), "--name", "hub"]) == 0
     assert md.read_text().count("<!-- bench-report:begin hub -->") == 1
+    # blocks follow each other in the order added, never nested (a block's body has ## headings)
+    assert main(["bench", "render", str(rep), "--into", str(md), "--name", "svd"]) == 0
+    text = md.read_text()
+    pos = [text.index(m) for m in ("<!-- bench-report:begin -->", "<!-- bench-report:end -->",
+                                   "<!-- bench-report:begin hub -->", "<!-- bench-report:end hub -->",
+                                   "<!-- bench-report:begin svd -->", "<!-- bench-report:end svd -->")]
+    assert pos == sorted(pos) and text.endswith(tail)
     capsys.readouterr()
     assert main(["bench", "render", str(rep)]) == 0
     printed = capsys.readouterr().out

@@ -216,8 +216,8 @@ def update_markdown_section(md_path: str | Path, report: dict[str, Any], report_
                             name: str | None = None) -> Path:
     """Render ``report`` (read from ``report_path``) into ``md_path`` between its markers
     (:func:`markers`): the block between them is replaced, or, where the file has none, put
-    after the file's title and introduction (before its first section heading; at the end
-    when it has none). Rendering the same report again leaves the file unchanged. Chart links
+    after the last block already rendered there, else after the file's title and introduction
+    (before its first section heading; at the end when it has none). Rendering the same report again leaves the file unchanged. Chart links
     point at the PNGs beside the report. Atomic. Returns ``md_path``."""
     md_path, report_path = Path(md_path), Path(report_path)
     try:
@@ -237,10 +237,20 @@ def update_markdown_section(md_path: str | Path, report: dict[str, Any], report_
         i, j = text.index(begin), text.index(end) + len(end)
         text = text[:i] + block + text[j:]
     else:
-        at = _after_introduction(text)
+        at = _after_blocks(text)
         head, tail = text[:at].rstrip("\n"), text[at:].lstrip("\n")
         text = (head + "\n\n" if head else "") + block + "\n" + ("\n" + tail if tail else "")
     return atomic_write_bytes(md_path, text.encode("utf-8"))
+
+
+def _after_blocks(text: str) -> int:
+    """Where a new block goes: after the last rendered block (of any name), so that blocks keep
+    the order they were added in and never nest; else after the introduction."""
+    last = text.rfind("<!-- bench-report:end")
+    if last < 0:
+        return _after_introduction(text)
+    eol = text.find("\n", last)
+    return len(text) if eol < 0 else eol + 1
 
 
 def _after_introduction(text: str) -> int:
