@@ -110,6 +110,32 @@ def test_bad_inputs_are_named():
         route_topk(M, np.full((1, 8), np.inf, np.float32), 3, 2)
 
 
+def test_router_refuses_non_finite_query_embeddings():
+    """Through the scan (one query) and the matrix product (a batch) alike: a clear error, never
+    an answer computed from NaN bounds."""
+    from aios_fast.route.router import LoRARouter
+
+    class _NoEncoder:
+        model = None
+
+        def encode(self, texts):  # pragma: no cover
+            raise AssertionError("must not encode")
+
+    rng = np.random.default_rng(2)
+    E = _unit(rng, 3000, 64)
+    router = LoRARouter(_NoEncoder())
+    router._fp = "test"
+    router.add_skills([{"name": f"s{i}", "examples": [f"e{j}" for j in range(10)],
+                        "embeddings": E[10 * i:10 * i + 10]} for i in range(300)])
+    bad = E[:20].copy()
+    bad[3, 5] = np.nan
+    with pytest.raises(InputError, match="row 0 contains NaN or infinity"):
+        router.route_embeddings(bad[3])
+    with pytest.raises(InputError, match="NaN or infinity"):
+        router.route_embeddings(bad)
+    assert router.route_embeddings(E[7])[0].top == "s0"
+
+
 def test_router_answers_equal_through_either_implementation(monkeypatch):
     """The router's single-query path (the scan) and its batch path (one matrix product) give the
     same rankings, scores and confidences."""

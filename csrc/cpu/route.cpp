@@ -25,6 +25,7 @@
 #include <functional>
 #include <limits>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "cpu/dispatch.h"
@@ -228,6 +229,12 @@ py::tuple route_topk_cpu(uintptr_t E, uintptr_t Eq, uintptr_t scale, uintptr_t n
     py::array_t<int64_t> ids({n, K});
     py::array_t<float> out({n, K});
     const float* q = Qarr.data();
+    // A NaN would poison every bound and leave the candidate set empty: refuse it here, where
+    // the check costs nothing beside the scan (callers skip the Python-side check on this path).
+    for (int64_t i = 0; i < n * d; ++i)
+        if (!std::isfinite(q[i]))
+            throw std::invalid_argument("route_topk_cpu: query row " + std::to_string(i / d) +
+                                        " contains NaN or infinity");
     int64_t* out_ids = ids.mutable_data();
     float* out_v = out.mutable_data();
     std::vector<float> lo(S), hi(S);

@@ -136,7 +136,10 @@ def _route_numpy(M: RouteMatrix, Q: np.ndarray, kex: int, K: int) -> tuple[np.nd
                        "rescoring of the few skills it cannot rule out (benchmarks/bench_router.py)",
                    available=_cpp_available)
 def _route_cpp(M: RouteMatrix, Q: np.ndarray, kex: int, K: int) -> tuple[np.ndarray, np.ndarray]:
-    return _native.native().route_topk_cpu(*M.native_args, Q, kex, K)
+    try:
+        return _native.native().route_topk_cpu(*M.native_args, Q, kex, K)
+    except ValueError as exc:   # the kernel refuses non-finite queries
+        raise InputError(f"queries: {exc}".replace("route_topk_cpu: ", "")) from None
 
 
 def skill_scores(M: RouteMatrix, Q: np.ndarray, kex: int, exclude: np.ndarray | None = None) -> np.ndarray:

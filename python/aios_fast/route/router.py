@@ -476,6 +476,8 @@ class LoRARouter:
             # the compiled scan, without forming the (n, S) score matrix
             ids, vals = idx.topk(idx.M, np.ascontiguousarray(E, dtype=np.float32), _TOPK_EXAMPLES, k)
         else:
+            if not np.isfinite(E).all():
+                raise InputError("query embeddings contain NaN or infinity")
             parts = []
             if idx.names:
                 parts.append(self._scores(E, idx) if n <= _CHUNK else np.concatenate(
