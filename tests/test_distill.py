@@ -20,6 +20,8 @@ import pytest
 
 DATA = Path(__file__).parent / "data" / "distill"
 DOCS = DATA / "docs"
+# one torch thread for the whole module (its fixtures train models): see the root conftest
+pytestmark = pytest.mark.usefixtures("one_thread")
 # the domain's first five documents (10 passages): enough for tests of the journal and the gate's
 # mechanics, which do not measure quality and need not train on all 47 passages
 CORE_DOCS = ("events_local_history.md", "loans.md", "membership.md", "rooms_printing.md", "shelfwise_app.md")
@@ -27,13 +29,6 @@ CORE_DOCS = ("events_local_history.md", "loans.md", "membership.md", "rooms_prin
 
 def _queries():
     return [l for l in (DATA / "queries.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
-
-
-@pytest.fixture(scope="module")
-def encoder(one_thread):
-    from aios_fast.engines import SentenceEncoder
-
-    return SentenceEncoder()
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,8 @@ import torch
 
 DATA = Path(__file__).parent / "data" / "distill"
 DOCS = DATA / "docs"
-
-
-@pytest.fixture(scope="module")
-def encoder(one_thread):
-    from aios_fast.engines import SentenceEncoder
-
-    return SentenceEncoder()
+# one torch thread for the whole module (its fixtures train models): see the root conftest
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

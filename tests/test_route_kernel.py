@@ -23,6 +23,25 @@ def _unit(rng, n, d):
     return X / np.linalg.norm(X, axis=1, keepdims=True)
 
 
+class _NoEncoder:
+    """Routing already-encoded queries needs no encoder; a call to one is a bug in the test."""
+
+    model = None
+
+    def encode(self, texts):  # pragma: no cover
+        raise AssertionError("must not encode")
+
+
+def _router(E, skills, per=10):
+    from aios_fast.route.router import LoRARouter
+
+    router = LoRARouter(_NoEncoder())
+    router._fp = "test"
+    router.add_skills([{"name": f"s{i}", "examples": [f"e{j}" for j in range(per)],
+                        "embeddings": E[per * i:per * i + per]} for i in range(skills)])
+    return router
+
+
 def _same(got, ref, scores_atol=2e-6):
     gi, gv = got
     ri, rv = ref
@@ -113,20 +132,9 @@ def test_bad_inputs_are_named():
 def test_router_refuses_non_finite_query_embeddings():
     """Through the scan (one query) and the matrix product (a batch) alike: a clear error, never
     an answer computed from NaN bounds."""
-    from aios_fast.route.router import LoRARouter
-
-    class _NoEncoder:
-        model = None
-
-        def encode(self, texts):  # pragma: no cover
-            raise AssertionError("must not encode")
-
     rng = np.random.default_rng(2)
     E = _unit(rng, 3000, 64)
-    router = LoRARouter(_NoEncoder())
-    router._fp = "test"
-    router.add_skills([{"name": f"s{i}", "examples": [f"e{j}" for j in range(10)],
-                        "embeddings": E[10 * i:10 * i + 10]} for i in range(300)])
+    router = _router(E, 300)
     bad = E[:20].copy()
     bad[3, 5] = np.nan
     with pytest.raises(InputError, match="row 0 contains NaN or infinity"):
@@ -139,20 +147,9 @@ def test_router_refuses_non_finite_query_embeddings():
 def test_router_answers_equal_through_either_implementation(monkeypatch):
     """The router's single-query path (the scan) and its batch path (one matrix product) give the
     same rankings, scores and confidences."""
-    from aios_fast.route.router import LoRARouter
-
-    class _NoEncoder:
-        model = None
-
-        def encode(self, texts):  # pragma: no cover
-            raise AssertionError("must not encode")
-
     rng = np.random.default_rng(5)
     E = _unit(rng, 4000, 384)
-    router = LoRARouter(_NoEncoder())
-    router._fp = "test"
-    router.add_skills([{"name": f"s{i}", "examples": [f"e{j}" for j in range(10)],
-                        "embeddings": E[10 * i:10 * i + 10]} for i in range(400)])
+    router = _router(E, 400)
     Q = E[::97] + 0.1 * _unit(rng, len(E[::97]), 384)
     Q /= np.linalg.norm(Q, axis=1, keepdims=True)
     batch = router.route_embeddings(Q)                       # > 16 queries: matrix product

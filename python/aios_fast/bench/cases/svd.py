@@ -229,13 +229,7 @@ def run(ctx: BenchContext) -> list[Figure]:
             ctx.progress(f"pair {label} {dt}: reference σ")
             T, B = make_pair(shape, DTYPES[dt])
             ref = reference_sigma(T, B, kmax)
-            for k in ctx.sizes.svd_ranks:
-                ctx.progress(f"pair {label} {dt} rank {k}")
-                fig = Figure(f"svd.{shape[0]}x{shape[1]}_{dt}_r{k}", "svd",
-                             f"truncated SVD of tuned − base, {label} {dt}, rank {k}", goal=_GOAL,
-                             check=f"σ_k error over {len(seeds)} starts < 2 %, median ≤ svd_lowrank's",
-                             config=config(shape, dt, k, "pair", ref))
-                figs.append(_versus_lowrank(fig, "pair", T, B, ref, k, rounds, seeds))
+            figs += _over_ranks(ctx, "pair", shape, dt, T, B, ref, rounds, seeds, config)
             if dt == "f32" and shape == ctx.sizes.svd_shapes[0]:
                 figs.append(_versus_full(ctx, shape, T, B, ref, min(ctx.sizes.svd_ranks)))
             del T, B
@@ -245,13 +239,24 @@ def run(ctx: BenchContext) -> list[Figure]:
         ctx.progress(f"single {label} {dt}: reference σ")
         M = make_single(shape, DTYPES[dt])
         ref = reference_sigma(M, None, kmax)
-        for k in ctx.sizes.svd_ranks:
-            ctx.progress(f"single {label} {dt} rank {k}")
-            fig = Figure(f"svd.single_{shape[0]}x{shape[1]}_{dt}_r{k}", "svd",
-                         f"truncated SVD of one matrix, {label} {dt}, rank {k}", goal=_GOAL,
-                         check=f"σ_k error over {len(seeds)} starts < 2 %, median ≤ svd_lowrank's",
-                         config=config(shape, dt, k, "single", ref))
-            figs.append(_versus_lowrank(fig, "single", M, None, ref, k, rounds, seeds))
+        figs += _over_ranks(ctx, "single", shape, dt, M, None, ref, rounds, seeds, config)
+    return figs
+
+
+def _over_ranks(ctx: BenchContext, kind: str, shape, dt: str, T, B, ref, rounds: int, seeds, config
+                ) -> list[Figure]:
+    """One figure per rank of ``ctx.sizes.svd_ranks``: ours against ``svd_lowrank`` on a pair
+    (``kind="pair"``, ``T`` − ``B``) or on one matrix (``kind="single"``, ``B`` is None)."""
+    label = f"{shape[0]}×{shape[1]}"
+    figs = []
+    for k in ctx.sizes.svd_ranks:
+        ctx.progress(f"{kind} {label} {dt} rank {k}")
+        fid = f"svd.{shape[0]}x{shape[1]}_{dt}_r{k}" if kind == "pair" else f"svd.single_{shape[0]}x{shape[1]}_{dt}_r{k}"
+        what = "tuned − base" if kind == "pair" else "one matrix"
+        fig = Figure(fid, "svd", f"truncated SVD of {what}, {label} {dt}, rank {k}", goal=_GOAL,
+                     check=f"σ_k error over {len(seeds)} starts < 2 %, median ≤ svd_lowrank's",
+                     config=config(shape, dt, k, kind, ref))
+        figs.append(_versus_lowrank(fig, kind, T, B, ref, k, rounds, seeds))
     return figs
 
 
