@@ -156,7 +156,7 @@ void select_top(std::vector<std::pair<float, int64_t>>& cand, int64_t K, int64_t
 }
 
 void route_one(const Index& ix, const float* q, int64_t kex, int64_t K, int64_t* ids, float* out,
-               DotF32 dotf, DotI8 doti, std::vector<float>& lo, std::vector<float>& hi,
+               DotF32 dotf, DotI8 doti, std::vector<float>& lo, std::vector<float>& hi, std::vector<float>& tmp,
                std::vector<int16_t>& qq, std::vector<std::pair<float, int64_t>>& cand) {
     cand.clear();
     const bool certified = ix.Eq != nullptr && ix.S > K && ix.N * ix.d >= kExactOnlyWork;
@@ -196,7 +196,7 @@ void route_one(const Index& ix, const float* q, int64_t kex, int64_t K, int64_t*
         lo[s] = a - bmax - slack;
         hi[s] = a + bmax + slack;
     }
-    std::vector<float> tmp(lo.begin(), lo.begin() + ix.S);
+    tmp.assign(lo.begin(), lo.begin() + ix.S);
     std::nth_element(tmp.begin(), tmp.begin() + (K - 1), tmp.end(), std::greater<float>());
     const float kth = tmp[K - 1];
     for (int64_t s = 0; s < ix.S; ++s)
@@ -237,13 +237,13 @@ py::tuple route_topk_cpu(uintptr_t E, uintptr_t Eq, uintptr_t scale, uintptr_t n
                                         " contains NaN or infinity");
     int64_t* out_ids = ids.mutable_data();
     float* out_v = out.mutable_data();
-    std::vector<float> lo(S), hi(S);
+    std::vector<float> lo(S), hi(S), tmp(S);
     std::vector<int16_t> qq(std::max(dp, d));
     std::vector<std::pair<float, int64_t>> cand;
     cand.reserve(S);
     auto run = [&] {
         for (int64_t r = 0; r < n; ++r)
-            route_one(ix, q + r * d, kex, K, out_ids + r * K, out_v + r * K, dotf, doti, lo, hi, qq, cand);
+            route_one(ix, q + r * d, kex, K, out_ids + r * K, out_v + r * K, dotf, doti, lo, hi, tmp, qq, cand);
     };
     // Release the GIL only when the batch is big enough for another thread to gain from it.
     if (n * N * d >= (int64_t{1} << 20)) {

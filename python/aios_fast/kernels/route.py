@@ -21,7 +21,7 @@ import numpy as np
 from .. import _native, backends
 from ..errors import InputError
 
-__all__ = ["RouteMatrix", "route_topk", "TOLERANCE"]
+__all__ = ["RouteMatrix", "route_topk", "skill_scores", "top_k_rows", "TOLERANCE"]
 
 #: exact scores agree with the reference to float32 summation-order differences
 TOLERANCE = {"rtol": 1e-5, "atol": 2e-6}
@@ -75,11 +75,6 @@ class RouteMatrix:
         self.native_args = (ptr(self.E), ptr(self.Eq), ptr(self.scale), ptr(self.norm), ptr(self.resid),
                             ptr(self.offsets), self.S, self.N, self.d, self.dp)
 
-    @property
-    def nbytes(self) -> int:
-        extra = 0 if self.Eq is None else self.Eq.nbytes + 3 * 4 * self.N
-        return self.E.nbytes + extra
-
 
 def _check(M: RouteMatrix, Q: np.ndarray, kex: int, K: int) -> None:
     if not isinstance(M, RouteMatrix):
@@ -98,9 +93,7 @@ def route_topk(M: RouteMatrix, Q: np.ndarray, kex: int, K: int, force: str | Non
     """``(ids, scores)``, each ``(n, K)``: per query the K best skills (row-group index) and
     their exact scores, best first. ``Q`` holds finite float32 rows of width ``d``."""
     Q = np.asarray(Q)
-    _check(M, Q, kex, K)
-    if not np.isfinite(Q).all():
-        raise InputError("queries contain NaN or infinity")
+    _check(M, Q, kex, K)   # non-finite rows are refused by every implementation
     impl, _ = backends.choose("route_topk", "cpu", force=force)
     return impl.fn(M, Q, kex, K)
 
@@ -121,12 +114,19 @@ def _cpp_available() -> tuple[bool, str]:
 @backends.register("route_topk", "numpy", devices=("*",), priority=100, reference=True,
                    why="reference: one float32 matrix product and a per-skill partition")
 def _route_numpy(M: RouteMatrix, Q: np.ndarray, kex: int, K: int) -> tuple[np.ndarray, np.ndarray]:
-    scores = skill_scores(M, Q, kex)
+    finite = np.isfinite(Q).all(1)
+    if not finite.all():   # worded as the cpp implementation's refusal
+        raise InputError(f"queries: query row {int(np.argmin(finite))} contains NaN or infinity")
+    return top_k_rows(skill_scores(M, Q, kex), K)
+
+
+def top_k_rows(scores: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, values)``, each ``(n, K)``: the K largest of each row of ``(n, S)`` ``scores``,
+    best first; equal scores: lower column first (as the cpp implementation)."""
     n, S = scores.shape
     rows = np.arange(n)[:, None]
     ids = np.argpartition(-scores, K - 1, axis=1)[:, :K] if S > K else np.tile(np.arange(S), (n, 1))
     vals = scores[rows, ids]
-    # best first; equal scores: lower skill index first (as the cpp implementation)
     order = np.lexsort((ids, -vals), axis=1)
     return ids[rows, order].astype(np.int64), vals[rows, order]
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import CardFormatError, InputError
-from ..kernels.route import RouteMatrix, skill_scores
+from ..kernels.route import RouteMatrix, skill_scores, top_k_rows
 from .calibrate import (DEFAULT_MAP, STALE_FRACTION, ConfidenceMap, general_negatives,
                         load_calibration, save_calibration, skills_changed_fraction)
 from .library import SkillLibrary, _clean_examples, encoder_fingerprint, valid_skill_name
@@ -485,12 +485,7 @@ class LoRARouter:
             if arrow_scores is not None and idx.arrow_names:
                 parts.append(np.asarray(arrow_scores, np.float32))
                 names = names + idx.arrow_names
-            scores = np.concatenate(parts, 1) if len(parts) > 1 else parts[0]
-            rows = np.arange(n)[:, None]
-            ids = np.argpartition(-scores, k - 1, axis=1)[:, :k] if S > k else np.tile(np.arange(S), (n, 1))
-            vals = scores[rows, ids]
-            order = np.argsort(-vals, axis=1, kind="stable")
-            ids, vals = ids[rows, order], vals[rows, order]
+            ids, vals = top_k_rows(np.concatenate(parts, 1) if len(parts) > 1 else parts[0], k)
         thr, cmap = self.threshold, self.confidence_map
         if n == 1:
             # one query: plain floats (NumPy's per-call overhead dominates at this size)
