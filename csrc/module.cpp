@@ -10,4 +10,5 @@ PYBIND11_MODULE(_C, m) {
     aios::register_norms(m);
     aios::register_svd(m);
     aios::register_route(m);
+    aios::register_card_layout(m);
 }

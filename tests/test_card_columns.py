@@ -1,11 +1,11 @@
 """The card reader's whole-column fast paths agree with its row-by-row checks.
 
-``_reader._rows_by_column`` judges every row at once and hands over to the row-by-row pass
-(``_rows_by_row``, which names the first bad row) whenever a row might be bad; the value scan
-reads each tensor column's values buffer at once. Seeded structured mutations of real cards
-check that the column checks never accept a card the row checks refuse, and return exactly
-the rows those checks return; NaN/inf planted at either end of a column is found for every
-dtype, and the largest finite values are not mistaken for it."""
+In the checked (pyarrow) path, ``_reader._rows_by_column`` judges every row at once and hands
+over to the row-by-row pass (``_rows_by_row``, which names the first bad row) whenever a row
+might be bad; the value scan reads each tensor column's values buffer at once. Seeded
+structured mutations of real cards check that the column checks never accept a card the row
+checks refuse, and return exactly the rows those checks return; NaN/inf planted at either end
+of a column is found for every dtype, and the largest finite values are not mistaken for it."""
 
 from __future__ import annotations
 
@@ -110,7 +110,10 @@ def _mutate(rng, cols: dict) -> dict:
 @pytest.fixture
 def agreement(monkeypatch):
     """Wrap ``_rows_by_column``: whenever it accepts, the row-by-row pass must accept the same
-    input and return the same rows. Counts how often each path decided."""
+    input and return the same rows. Counts how often each path decided. The compiled reader is
+    switched off, so that every card goes through these checks (tests/test_card_layout.py holds
+    the compiled reader to the same standard)."""
+    monkeypatch.setattr(_reader, "_CARD_LAYOUT", None)
     real = _reader._rows_by_column
     seen = {"column": 0, "row": 0}
 

@@ -242,3 +242,52 @@ def test_cuda_sketch_runs_on_the_operands_device():
     assert got[2] == pytest.approx(want[2], rel=1e-5)
     with pytest.raises(InputError, match="X is on cpu but T is on cuda"):
         _sketch_cuda(T.to(dev), B.to(dev), X, None)
+
+
+def test_single_float32_matrix_agrees_with_the_pair_path(monkeypatch):
+    """A float32 matrix is multiplied where it lies (no delta_sketch pass, no scratch copy); the
+    result equals that of the pair (M, 0), which goes through the fused sketch and the copy."""
+    from aios_fast import linalg
+
+    seen = []
+    call, scratch = linalg.backends.call, linalg.empty_scratch
+    monkeypatch.setattr(linalg.backends, "call", lambda op, *a, **kw: (seen.append(op), call(op, *a, **kw))[1])
+    monkeypatch.setattr(linalg, "empty_scratch", lambda *a, **kw: (seen.append("copy"), scratch(*a, **kw))[1])
+    A = planted(300, 200, 0.8 ** torch.arange(200, dtype=torch.float64), seed=6, dtype=torch.float32)
+    one = truncated_svd(A, 12, seed=2)
+    assert "delta_sketch" not in seen and "copy" not in seen, seen
+    pair = truncated_svd((A, torch.zeros_like(A)), 12, seed=2)
+    assert "delta_sketch" in seen and "copy" in seen, seen
+    torch.testing.assert_close(one.S, pair.S, rtol=1e-5, atol=0)
+    assert one.frob_sq == pytest.approx(pair.frob_sq, rel=1e-6)
+    torch.testing.assert_close((one.U * one.S) @ one.Vh, (pair.U * pair.S) @ pair.Vh, rtol=0, atol=1e-5)
+
+
+def test_single_matrix_frobenius_norm_is_summed_in_float64():
+    # One float32 reduction over all 2048² squares is off by ~2e-4 here (mean 0.5 keeps the
+    # squares from cancelling); the partial norms summed in float64 are not.
+    A = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(8)) + 0.5
+    res = truncated_svd(A, 4)
+    assert res.frob_sq == pytest.approx(float((A.double() ** 2).sum()), rel=1e-6)
+
+
+def test_single_matrix_views_and_large_magnitudes():
+    base = planted(400, 600, 0.85 ** torch.arange(400, dtype=torch.float64), seed=3, dtype=torch.float32)
+    for view in (base[::2, ::3], base.T):  # strided (copied once) and column-major (used as is)
+        res = truncated_svd(view, 6)
+        np.testing.assert_allclose(res.S.double().numpy(), lapack(view)[1][:6], rtol=1e-4)
+        assert res.frob_sq == pytest.approx(float((view.double() ** 2).sum()), rel=1e-6)
+    # squares beyond float32's range: ‖M‖²_F is still finite (float64 fallback), σ still right
+    big = planted(120, 80, 1e21 * 0.7 ** torch.arange(80, dtype=torch.float64), seed=5, dtype=torch.float32)
+    assert not torch.isfinite(torch.linalg.vector_norm(big)), "the case must overflow a float32 sum"
+    res = truncated_svd(big, 5)
+    np.testing.assert_allclose(res.S.double().numpy(), lapack(big)[1][:5], rtol=1e-4)
+    assert res.frob_sq == pytest.approx(float((big.double() ** 2).sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_single_matrix_with_nan_or_inf_raises_input_error(bad):
+    x = torch.randn(40, 30)
+    x[5, 7] = bad
+    with pytest.raises(InputError, match="NaN or Inf"):
+        truncated_svd(x, 3)

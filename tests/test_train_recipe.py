@@ -59,6 +59,66 @@ def test_unique_batches_shrink_to_the_number_of_groups_and_random_is_the_old_ord
         plan_batches([0, 1], 2, 1, torch.Generator(), "greedy")
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_grouped_batches_hold_whole_groups_and_lose_no_pair(seed):
+    groups = [i // 3 for i in range(111)] + [37] * 5       # 38 groups; one answer asked 5 times
+    plan = plan_batches(groups, 16, 2, torch.Generator().manual_seed(seed), "grouped")
+    assert len(plan) == 2 * 2                                # round(38 / 16) batches per epoch
+    for e in range(2):
+        epoch = plan[e * 2:(e + 1) * 2]
+        assert sorted(i for b in epoch for i in b) == list(range(len(groups)))   # every pair, once
+        assert sorted(len({groups[i] for i in b}) for b in epoch) == [19, 19]     # even split
+    for b in plan:   # a group is never split across batches
+        for g in {groups[i] for i in b}:
+            assert sum(groups[i] == g for i in b) == groups.count(g)
+    assert plan[:2] != plan[2:]                              # a fresh order per epoch
+
+
+def test_grouped_loss_shares_one_answer_column_per_group():
+    torch.manual_seed(1)
+    q, a = F.normalize(torch.randn(4, 8), dim=1), F.normalize(torch.randn(2, 8), dim=1)
+    rows, cols, tgt = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1]), torch.tensor([0, 0, 1, 1])
+    got = contrastive_loss(q, a, 20.0, rows, cols, targets=tgt)
+    torch.testing.assert_close(got, F.cross_entropy(q @ a.T * 20.0, tgt))
+    # a hard-negative column of a row's own group is masked for that row only
+    extra = torch.cat([a, a[1:2]])
+    got = contrastive_loss(q, extra, 20.0, rows, torch.tensor([0, 1, 1]), targets=tgt)
+    logits = q @ extra.T * 20.0
+    logits[2:, 2] = float("-inf")
+    torch.testing.assert_close(got, F.cross_entropy(logits, tgt))
+    with pytest.raises(InputError, match="one positive column"):
+        contrastive_loss(q, a, 20.0, rows, cols, symmetric=True, targets=tgt)
+    with pytest.raises(InputError, match="symmetric"):
+        TrainConfig(batching="grouped", symmetric=True)
+
+
+def test_grouped_training_encodes_each_answer_once_per_batch(encoder):
+    from aios_fast.learn import LoRATrainer
+    from aios_fast.learn._engine import as_engine
+
+    answers = ["Hold the reset button for ten seconds.", "Invoices are emailed on the first of the month.",
+               "The ferry leaves from pier four at noon.", "Water the basil twice a week in summer."]
+    pairs = [(f"question {i} about topic {i % 4}", answers[i % 4]) for i in range(16)]
+    view = as_engine(encoder)
+    data = recipe.ContrastiveData(view, pairs, TrainConfig(batching="grouped", batch_size=2, epochs=1))
+    batch = data.plan(torch.Generator().manual_seed(0))[0]
+    sizes = []
+    real = view.embed_texts
+    view.embed_texts = lambda texts: (sizes.append(len(texts)), real(texts))[1]
+    with torch.no_grad():
+        got = data.loss(batch)
+    assert sizes == [8, 2]              # 8 questions of 2 groups, each group's answer encoded once
+    q = F.normalize(real([pairs[i][0] for i in batch]), dim=-1)
+    order = list(dict.fromkeys(i % 4 for i in batch))
+    a = F.normalize(real([answers[g] for g in order]), dim=-1)
+    with torch.no_grad():
+        want = F.cross_entropy(q @ a.T * 20.0, torch.tensor([order.index(i % 4) for i in batch]))
+    torch.testing.assert_close(got, want)
+    card, rep = LoRATrainer(encoder).train(pairs, epochs=3, batch_size=4, batching="grouped", progress=False,
+                                           seed=0, name="grouped", lr=1e-3)
+    assert rep.steps == 3 and card.modules          # 4 groups, 4 per batch: one step per epoch
+
+
 def test_hard_negatives_exclude_the_true_answer_group():
     q = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.05], [0.0, 1.0], [0.7, 0.7]]), dim=1)
     a = q.clone()

@@ -32,3 +32,11 @@ def delta_tile(t: Buffer, b: Buffer | None, out: Buffer, kind: str) -> float:
 def delta_tile_cuda(t: int, b: int, out: int, sumsq: int, n: int, kind: str, stream: int) -> None:
     """Device pointers: out = float32(t) - float32(b) (b may be 0) over n elements; atomically
     adds the sum of squares to the float64 at ``sumsq``; enqueued on ``stream``."""
+
+def card_layout(file: Buffer, max_rows: int, max_name_bytes: int, max_dim: int,
+                max_rank: int) -> tuple[int, dict[bytes, bytes], tuple[Any, ...]] | None:
+    """A .lora.arrow card read from its bytes: (version, schema metadata, rows) with rows =
+    (modules, dtype_a names, dtype_b names, shape_a, shape_b, weight_a start, weight_a offsets,
+    weight_b start, weight_b offsets, ranks, alphas or None for v1), every row checked; None
+    when the file is not exactly a plain, valid card (aios_fast.cards._reader then runs its
+    checked path, which names the problem)."""

@@ -1,8 +1,9 @@
 """Randomized truncated SVD of a matrix or of a delta between two checkpoints.
 
-Public entry point: :func:`truncated_svd`. The passes over the data go through the
-``delta_sketch`` operation of the dispatch table (see :mod:`aios_fast.kernels.svd`), the
-orthonormalisations through ``orthonormalize``.
+Public entry point: :func:`truncated_svd`. The passes over a pair, or over a float16 /
+bfloat16 matrix, go through the ``delta_sketch`` operation of the dispatch table (see
+:mod:`aios_fast.kernels.svd`); a float32 / float64 matrix needs no conversion and is
+multiplied where it lies. The orthonormalisations go through ``orthonormalize``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from . import backends
 from ._alloc import empty_scratch
 from .errors import InputError
+from .kernels.svd import cholqr, cholqr2_factors
 
 __all__ = ["truncated_svd", "SVDResult", "SVD_METHODS"]
 
@@ -27,7 +29,7 @@ class SVDResult(tuple):
     """``(U, S, Vh)`` — unpacks like ``torch.linalg.svd`` — plus what the passes measured.
 
     Attributes: ``U`` (m, k), ``S`` (k,) descending, ``Vh`` (k, n); ``frob_sq`` the exact
-    ‖M‖²_F (float, computed in the first pass); ``sketch_S`` every singular value of the
+    ‖M‖²_F (float, summed in float64 in the first pass); ``sketch_S`` every singular value of the
     projected matrix QᵀM (ℓ ≥ k of them; lower bounds of the true σᵢ); ``power_iters`` used;
     ``energy_fraction`` = Σ S² / ‖M‖²_F.
     """
@@ -67,45 +69,87 @@ def _as_tensor(x, what: str) -> torch.Tensor:
 
 
 class _Operator:
-    """M = T − B (or M = T) seen only through products; every pass goes through the table."""
+    """M = T − B (or M = T) seen only through products.
+
+    A pair, or a single matrix that needs converting (float16 / bfloat16), makes its first pass
+    through the fused ``delta_sketch`` of the table: conversion, subtraction, ‖M‖²_F and the
+    product in one read, and with ``materialize`` the float32 M written once for the later
+    passes, which are then plain GEMMs. A single matrix already in the compute dtype needs no
+    conversion: every pass is a GEMM on the caller's matrix, and ‖M‖²_F is one more read
+    (copying it into a huge-page scratch buffer, as this once did, cost more than that read and
+    bought nothing: GEMMs of 4096² by 40 columns took 19.0 ms on the caller's 4 KiB pages and
+    19.5 ms on the buffer, on one core of the reference VM)."""
 
     def __init__(self, T, B, device, impl, materialize):
-        self.T, self.B = T, B
+        self.B = B
         self.materialize = materialize
         self.m, self.n = T.shape
         self.device = device
         self.cdtype = torch.float64 if T.dtype == torch.float64 else torch.float32
         self.impl = impl
-        # The first pass always goes through the fused delta_sketch, also for a single matrix
-        # already in the compute dtype: it returns ‖M‖²_F in the same pass (a separate float64
-        # norm pass cost as much as a sketch), and with ``materialize`` copies M into a
-        # huge-page buffer whose GEMMs ran faster than on the caller's 4 KiB-page memory
-        # (4096² f32, rank 16: 0.110 s from the caller's matrix, 0.067 s for a pair that went
-        # through the buffer). Later passes are plain GEMMs when no conversion is left.
-        self.direct = False
         self._plain = B is None and T.dtype == self.cdtype
+        if self._plain and 1 not in T.stride():  # BLAS reads row- or column-major, not strided views
+            T = T.contiguous()
+        self.T = T
+        self.direct = False
 
-    def apply(self, X=None, Y=None):
-        """(M @ X, Mᵀ @ Y, ‖M‖²_F)."""
-        if self.direct:
-            mx = self.T @ X if X is not None else None
-            my = self.T.T @ Y if Y is not None else None
-            return mx, my, None
+    def apply(self, X=None, Y=None, out_yt=None):
+        """(M @ X, Mᵀ @ Y, ‖M‖²_F); the norm on the first pass only (None after). ``out_yt``
+        (l, n), if given, receives (Mᵀ Y)ᵀ, and the product returned is its transposed view."""
+        if self.direct or self._plain:
+            fro = None
+            if not self.direct:
+                fro, self.direct = _frob_sq(self.T), True
+            return _gemm_x(self.T, X), _gemm_y(self.T, Y, out_yt), fro
         out = None
         if self.materialize:
             # Convert once, in the same fused pass as the first sketch; later passes are GEMMs.
             out = empty_scratch((self.m, self.n), self.cdtype, self.device)
-        res = backends.call("delta_sketch", self.device.type, self.T, self.B, X, Y, out=out, force=self.impl)
+        mx, my, fro = backends.call("delta_sketch", self.device.type, self.T, self.B, X, Y, out=out, force=self.impl)
         if out is not None:
             self.T, self.B, self.direct = out, None, True
-        elif self._plain:
-            self.direct = True  # nothing to convert: stream GEMMs over the caller's matrix
-        return res
+        if out_yt is not None and my is not None:
+            out_yt.copy_(my.T)
+            my = out_yt.T
+        return mx, my, fro
 
     def frob_sq(self) -> float:
         if self.direct:  # only after a first pass, which returned it: callers keep that value
-            return float(torch.linalg.vector_norm(self.T, dtype=torch.float64) ** 2)
+            return _frob_sq(self.T)
         return self.apply()[2]
+
+
+# The thin operand goes on the left: (Xᵀ Mᵀ)ᵀ and (Yᵀ M)ᵀ, returned as column-major views.
+# MKL ran these 10-25 % faster than M @ X and Mᵀ @ Y (one core of the reference VM, 4096²,
+# 40 columns: 20.3 vs 24.1 ms and 21.0 vs 27.6 ms; 88 columns: 37.2 vs 41.7, 36.9 vs 43.9),
+# and the column-major results are the layout LAPACK's triangular solves want.
+def _gemm_x(M, X):
+    return None if X is None else (X.T @ M.T).T
+
+
+def _gemm_y(M, Y, out=None):
+    return None if Y is None else torch.mm(Y.T, M, out=out).T
+
+
+_NORM_RUN = 8192  # contiguous elements per float32 partial sum of ‖M‖²_F
+
+
+def _frob_sq(M) -> float:
+    """‖M‖²_F in one read: the norms of runs of ≤ 8192 contiguous elements, computed in M's
+    dtype, squared and summed in float64 (relative error ~1e-8 on 4096²). One float32
+    ``vector_norm`` over all of M ran no faster and was off by 1.5e-3 there (each of its
+    accumulators sums ~10⁶ squares); a float64 accumulation cost 35× more. That is still the
+    fallback where float32 overflowed, so that only a real Inf or NaN reads as non-finite."""
+    A = M if M.stride(-1) == 1 else M.T  # _Operator made M row- or column-major
+
+    def norms(dtype=None):
+        return torch.cat([torch.linalg.vector_norm(A[:, j:j + _NORM_RUN], dim=1, dtype=dtype)
+                          for j in range(0, A.shape[1], _NORM_RUN)])
+
+    s = float((norms().double() ** 2).sum())
+    if not np.isfinite(s) and M.dtype != torch.float64:
+        s = float((norms(torch.float64) ** 2).sum())
+    return s
 
 
 def _orth(Y):
@@ -143,7 +187,7 @@ def _new_directions(Qprev, K):
     and normalising them would produce vectors that are not orthogonal to Qprev."""
     K = K / torch.linalg.vector_norm(K, dim=0).clamp_min(torch.finfo(K.dtype).tiny)
     for _ in range(2):  # classical Gram-Schmidt twice ("twice is enough", Giraud et al. 2005)
-        K = K - Qprev @ (Qprev.T @ K)
+        K = torch.addmm(K, Qprev, Qprev.T @ K, alpha=-1)
     # The Gram matrix in float64: in float32 its null eigenvalues come out at ~eps·‖K‖², far
     # above the threshold; in float64 they sit at the rounding noise of K itself.
     Kd = K.double()
@@ -152,8 +196,12 @@ def _new_directions(Qprev, K):
     if not bool(keep.any()):
         return None
     N = K @ (V[:, keep] / lam[keep].sqrt()).to(K.dtype)
-    N = N - Qprev @ (Qprev.T @ N)
-    return _orth(N)
+    N = torch.addmm(N, Qprev, Qprev.T @ N, alpha=-1)
+    # N is already orthonormal to ~eps·√(λmax/λmin) ≤ √l·1e-3 over the kept λ (unit columns:
+    # λmax ≤ l), so one Cholesky QR sweep (error ~eps·cond(N)²) finishes it where CholeskyQR2
+    # would spend a second sweep (4096 × 88: 12.3 instead of 15.4 ms for this function).
+    Q = cholqr(N)
+    return Q if Q is not None else _orth(N)
 
 
 def _subspace(op, omega, k, q):
@@ -181,16 +229,25 @@ def _krylov(op, omega, k, q):
     Y, _, fro = op.apply(X=omega)
     fro = op.frob_sq() if fro is None else fro
     _check_finite(fro)
-    Qs, Ws = [_orth(Y)], []
+    # The blocks are stored as rows of Qt and Wt, so Q = Qt.T and W = Wt.T are column-major
+    # views: the GEMMs return column-major blocks, and concatenating those (torch.cat) cost
+    # 20× a row copy (2.6 vs 0.12 ms for two 4096 × 88 blocks).
+    Q0 = _orth(Y)
+    ell = Q0.shape[1]
+    Qt = torch.empty((q + 1) * ell, op.m, dtype=Q0.dtype, device=Q0.device)
+    Wt = torch.empty((q + 1) * ell, op.n, dtype=Q0.dtype, device=Q0.device)
+    Qt[:ell] = Q0.T
+    lo, hi = 0, ell  # rows of the newest block
     for i in range(q + 1):
-        Ws.append(op.apply(Y=Qs[-1])[1])
+        op.apply(Y=Qt[lo:hi].T, out_yt=Wt[lo:hi])
         if i == q:
             break
-        Qn = _new_directions(torch.cat(Qs, 1), op.apply(X=Ws[-1])[0])
+        Qn = _new_directions(Qt[:hi].T, op.apply(X=Wt[lo:hi].T)[0])
         if Qn is None:  # the Krylov space is invariant: M has no further directions to give
             break
-        Qs.append(Qn)
-    return (*_small_svd(torch.cat(Qs, 1), torch.cat(Ws, 1), k), fro)
+        lo, hi = hi, hi + Qn.shape[1]
+        Qt[lo:hi] = Qn.T
+    return (*_small_svd(Qt[:hi].T, Wt[:hi].T, k), fro)
 
 
 # method → (algorithm, default oversample); the one list of the fixed-rank algorithms
@@ -200,11 +257,21 @@ SVD_METHODS = tuple(_METHODS)
 
 def _small_svd(Q, Z, k):
     """Given Q (m, l) orthonormal and Z = MᵀQ (n, l): SVD of QᵀM = Zᵀ through a QR of Z,
-    so that the exact SVD runs on an l × l matrix instead of l × n."""
-    Qz = _orth(Z)
-    Rz = Qz.T @ Z  # (l, l): Zᵀ = Rzᵀ Qzᵀ
-    u, s, vh = torch.linalg.svd(Rz.T)
-    return Q @ u[:, :k], s[:k].clone(), vh[:k] @ Qz.T, s
+    so that the exact SVD runs on an l × l matrix instead of l × n.
+
+    Z = Qz R by CholeskyQR2 (Householder where Z is too ill-conditioned for it), and Zᵀ = Rᵀ Qzᵀ
+    = u s (vh Qzᵀ). Qz is never formed: with Qz = Q1 R2⁻¹, Vh = vh Qzᵀ = (R2⁻¹ vhᵀ)ᵀ Q1ᵀ, which
+    saves an n × l triangular solve and the n × l × l product Qzᵀ Z."""
+    f = cholqr2_factors(Z)
+    if f is not None:
+        Q1, R2, R = f
+        u, s, vh = torch.linalg.svd(R.T)
+        Vh = torch.linalg.solve_triangular(R2, vh[:k].T, upper=True).T @ Q1.T
+    else:
+        Qz, R = torch.linalg.qr(Z, mode="reduced")
+        u, s, vh = torch.linalg.svd(R.T)
+        Vh = vh[:k] @ Qz.T
+    return Q @ u[:, :k], s[:k].clone(), Vh, s
 
 
 @torch.no_grad()
@@ -268,13 +335,15 @@ def truncated_svd(
         block_size: directions added per step in fixed-precision mode.
         seed: seed of the Gaussian test matrix (drawn on the CPU, so results match across devices).
         device: where to compute (default: the device of ``M``); inputs are moved there.
-        impl: force an implementation of ``delta_sketch`` (``"cpp"``, ``"cuda"``, ``"torch"``).
+        impl: force an implementation of ``delta_sketch`` (``"cpp"``, ``"cuda"``, ``"torch"``);
+            a single float32 / float64 matrix makes no ``delta_sketch`` pass.
         materialize: ``False`` streams every pass from the inputs, so the float32 delta never
             exists; ``True`` writes it once during the first fused pass and runs later passes
             as plain GEMMs; ``"auto"`` (default) does the latter when the float32 delta fits in
             512 MiB (4096 × 11008 does). On Linux the CPU buffer is backed by transparent huge
             pages (:mod:`aios_fast._alloc`): first-touching it in 4 KiB pages cost more than
-            re-converting the tiles on every pass.
+            re-converting the tiles on every pass. A single matrix already in float32 / float64
+            is never copied, whatever this says: every pass multiplies it where it lies.
         method: ``"krylov"`` (default) or ``"subspace"``, see above; it chooses the
             fixed-rank algorithm (the fixed-precision mode always grows its basis by blocks).
 

@@ -5,9 +5,16 @@ schema and batch (zero-copy over the mapping), then every column, row, shape, dt
 against the bytes present, then (optionally) the checksum, and only then tensors viewing the
 mapping. Nothing is allocated from a size the file declares before it has been bounded.
 
+First, though, the compiled reader (``_C.card_layout``, ``csrc/card_layout.cpp``) tries the
+file: one call that verifies and decodes a card laid out exactly as pyarrow writes one, rows
+checked, and declines anything else. pyarrow's general machinery (footer and schema objects,
+a batch, an array per column, a Python object per value) was most of a small card's load
+time. The compiled reader is a fast path, not a second judge: what it accepts, this path
+accepts with the same rows (tests/test_card_layout.py fuzzes that), and what it declines
+comes here, so every refusal keeps this path's reason.
+
 The row checks run on whole columns (builtins over the lists Arrow hands over, no Python
-loop per module); only when a row may be bad does the row-by-row pass run, to name it. A
-small card's load time used to be mostly per-module Python work.
+loop per module); only when a row may be bad does the row-by-row pass run, to name it.
 
 Every refusal is a deliberate check with its own reason (``_Bad``), including pyarrow's own
 refusals of malformed IPC structures, which are caught where pyarrow is called. Any other
@@ -92,6 +99,36 @@ def _read(path: Path, verify: bool = True, defer_checksum: bool = False) -> dict
 
 
 def _read_checked(path: Path, verify: bool, defer_checksum: bool = False) -> dict[str, Any]:
+    size, mm = _map(path)
+    # The compiled reader decodes a plainly laid out card in one call; anything else (damaged,
+    # hostile, unusual, or no compiled module) goes through the checked pyarrow path, which
+    # names the problem. Both hand over the same rows for every card the fast one accepts.
+    layout = _layout_fast(mm)
+    version, raw_meta, meta, rows = layout if layout is not None else _layout_checked(mm)
+    header = _check_header(meta, rows, version)
+    stored = meta.get(spec.KEY_CHECKSUM)
+    computed, status, job = None, "absent", None
+    if version == 2:
+        if stored is None:
+            raise _Bad(f"v2 card has no {spec.KEY_CHECKSUM} key")
+        if not stored.startswith(spec.CHECKSUM_ALGO + ":"):
+            raise _Bad(f"checksum {stored[:40]!r} uses an unknown algorithm; expected {spec.CHECKSUM_ALGO}")
+        if verify:
+            job = functools.partial(spec.checksum, rows.checksum_items(memoryview(mm)), raw_meta)
+            if defer_checksum:
+                status = "pending"
+            else:
+                computed = job()
+                status = "ok" if computed == stored else "mismatch"
+        else:
+            status = "unverified"
+    return {**header, "version": version, "rows": rows, "metadata": header["metadata"],
+            "file_bytes": size, "checksum_stored": stored, "checksum_computed": computed,
+            "checksum_status": status, "checksum_job": job, "mmap": mm}
+
+
+def _map(path: Path) -> tuple[int, mmap.mmap]:
+    """(size, copy-on-write mapping) of a regular file within the size limits."""
     lim = spec.LIMITS
     try:
         st = os.stat(path)
@@ -111,6 +148,54 @@ def _read_checked(path: Path, verify: bool, defer_checksum: bool = False) -> dic
         mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
     finally:
         os.close(fd)
+    return size, mm
+
+
+def _card_layout():
+    """``_C.card_layout``, or None without the compiled module (looked up once)."""
+    global _CARD_LAYOUT
+    if _CARD_LAYOUT is False:
+        from .. import _native
+
+        _CARD_LAYOUT = _native.native().card_layout if _native.has("card_layout") else None
+    return _CARD_LAYOUT
+
+
+_CARD_LAYOUT: Any = False
+
+
+def _layout_fast(mm: mmap.mmap | bytes) -> tuple[int, dict[bytes, bytes], dict[str, str], _Rows] | None:
+    """(version, raw metadata, metadata, rows) from the compiled reader, or None whenever it
+    declines the file or any check up to the rows would refuse it: the checked path then
+    runs from the start and raises the first problem in its order, with its own words.
+
+    The compiled reader (``csrc/card_layout.cpp``) accepts only files that the framing
+    pre-check, pyarrow's reader and ``validate(full=True)`` accept, with the exact v1/v2
+    schema, no nulls, and rows that pass every check of :func:`_rows_by_row`; what is left
+    here is the metadata and its version key, checked as the checked path does."""
+    fn = _card_layout()
+    if fn is None:
+        return None
+    lim = spec.LIMITS
+    got = fn(mm, lim["max_modules"], lim["max_module_name_bytes"], lim["max_dim"], lim["max_rank"])
+    if got is None:
+        return None
+    version, raw_meta, (modules, dta, dtb, shape_a, shape_b, start_a, offs_a, start_b, offs_b, rank, alpha) = got
+    try:
+        meta = _check_metadata(raw_meta)
+    except _Bad:
+        return None
+    declared = meta.get(spec.KEY_VERSION)
+    if declared != ("2" if version == 2 else None) or (version == 1 and spec.KEY_CHECKSUM in meta):
+        return None  # a version key that disagrees with the columns: the checked path says how
+    rows = _Rows(modules, {"a": dta, "b": dtb}, {"a": shape_a, "b": shape_b}, {"a": start_a, "b": start_b},
+                 {"a": offs_a, "b": offs_b}, rank, alpha)
+    return version, raw_meta, meta, rows
+
+
+def _layout_checked(mm: mmap.mmap | bytes) -> tuple[int, dict[bytes, bytes], dict[str, str], _Rows]:
+    """The same as :func:`_layout_fast` through pyarrow, every refusal with its reason."""
+    lim = spec.LIMITS
     base = pa.py_buffer(mm)
     # Structural pre-check of the IPC framing (magic, footer, block bounds, no compression),
     # so that pyarrow never allocates from a size we have not bounded.
@@ -159,27 +244,7 @@ def _read_checked(path: Path, verify: bool, defer_checksum: bool = False) -> dic
     for name, col in cols.items():
         if col.null_count:
             raise _Bad(f"column {name!r} has {col.null_count} null value(s)")
-    rows = _check_rows(cols, version, mm, base)
-    header = _check_header(meta, rows, version)
-    stored = meta.get(spec.KEY_CHECKSUM)
-    computed, status, job = None, "absent", None
-    if version == 2:
-        if stored is None:
-            raise _Bad(f"v2 card has no {spec.KEY_CHECKSUM} key")
-        if not stored.startswith(spec.CHECKSUM_ALGO + ":"):
-            raise _Bad(f"checksum {stored[:40]!r} uses an unknown algorithm; expected {spec.CHECKSUM_ALGO}")
-        if verify:
-            job = functools.partial(spec.checksum, rows.checksum_items(memoryview(mm)), raw_meta)
-            if defer_checksum:
-                status = "pending"
-            else:
-                computed = job()
-                status = "ok" if computed == stored else "mismatch"
-        else:
-            status = "unverified"
-    return {**header, "version": version, "rows": rows, "metadata": header["metadata"],
-            "file_bytes": size, "checksum_stored": stored, "checksum_computed": computed,
-            "checksum_status": status, "checksum_job": job, "mmap": mm}
+    return version, raw_meta, meta, _check_rows(cols, version, base)
 
 
 #: the exact schema a card has (field names, types, nullability; metadata aside), per version
@@ -269,7 +334,7 @@ class _Rows:
 _SIDES = (("a", "weight_a"), ("b", "weight_b"))
 
 
-def _check_rows(cols: dict[str, pa.Array], version: int, mm: mmap.mmap, base: pa.Buffer) -> _Rows:
+def _check_rows(cols: dict[str, pa.Array], version: int, base: pa.Buffer) -> _Rows:
     lo, hi = base.address, base.address + base.size
     starts = {}
     for side, which in _SIDES:
@@ -278,14 +343,18 @@ def _check_rows(cols: dict[str, pa.Array], version: int, mm: mmap.mmap, base: pa
             raise _Bad(f"column {which!r} does not lie in the file (compressed or foreign buffer)")
         if data is not None:
             starts[side] = data.address - lo  # offset of the column's values inside the mapping
+    lists = {name: col.to_pylist() for name, col in cols.items() if name not in ("weight_a", "weight_b")}
+    lists.update({f"offs_{side}": _offsets(cols[which]).tolist() for side, which in _SIDES})
     # Every check on whole columns at once; only when one fails does the row-by-row pass run,
     # to name the first bad row and its problem exactly.
-    return _rows_by_column(cols, version, starts) or _rows_by_row(cols, version, starts)
+    return _rows_by_column(lists, version, starts) or _rows_by_row(lists, version, starts)
 
 
-def _rows_by_column(cols: dict[str, pa.Array], version: int, starts: dict[str, int]) -> _Rows | None:
+def _rows_by_column(cols: dict[str, list], version: int, starts: dict[str, int]) -> _Rows | None:
     """The rows when every row passes every check of :func:`_rows_by_row`; None when some row
-    might not (it is never more lenient).
+    might not (it is never more lenient). ``cols`` holds each column as a list (the tensor
+    columns as their n + 1 offsets, ``offs_a`` / ``offs_b``); ``starts`` where each tensor
+    column's values begin in the mapping.
 
     Each check is one builtin (``min``, ``max``, ``set``, list equality, ``map`` with an
     operator) over a whole column, looping in C: for a small card that is cheaper than NumPy,
@@ -294,15 +363,15 @@ def _rows_by_column(cols: dict[str, pa.Array], version: int, starts: dict[str, i
     lim = spec.LIMITS
     if len(starts) != 2:
         return None
-    modules = cols["module"].to_pylist()
+    modules = cols["module"]
     n = len(modules)
     # a name of at most max/4 characters has at most max UTF-8 bytes; longer ones go row by row
     if (min(map(len, modules)) < 1 or max(map(len, modules)) > lim["max_module_name_bytes"] // 4
             or len(set(modules)) != n):
         return None
-    dtype = cols["dtype"].to_pylist()
+    dtype = cols["dtype"]
     if version == 2:
-        dtypes = {"a": cols["dtype_a"].to_pylist(), "b": cols["dtype_b"].to_pylist()}
+        dtypes = {"a": cols["dtype_a"], "b": cols["dtype_b"]}
         if dtypes["a"] != dtype:
             return None
     else:
@@ -314,13 +383,13 @@ def _rows_by_column(cols: dict[str, pa.Array], version: int, starts: dict[str, i
         kinds = set(dts)
         if not kinds <= sizes.keys():
             return None
-        shp = cols[f"shape_{side}"].to_pylist()
+        shp = cols[f"shape_{side}"]
         if set(map(len, shp)) != {2}:
             return None
         flat = list(chain.from_iterable(shp))
         if None in flat or min(flat) < 1 or max(flat) > lim["max_dim"]:
             return None
-        off = _offsets(cols[which]).tolist()
+        off = cols[f"offs_{side}"]
         # Python ints: no overflow however large the declared dims
         elems = map(mul, flat[0::2], flat[1::2])
         item = repeat(sizes[dts[0]]) if len(kinds) == 1 else map(sizes.__getitem__, dts)
@@ -328,7 +397,7 @@ def _rows_by_column(cols: dict[str, pa.Array], version: int, starts: dict[str, i
             return None
         shape[side], offs[side], dims[side] = shp, off, flat
     if version == 2:
-        rank, alpha = cols["rank"].to_pylist(), cols["alpha"].to_pylist()
+        rank, alpha = cols["rank"], cols["alpha"]
         if (min(rank) < 1 or max(rank) > lim["max_rank"]
                 or not all(map(math.isfinite, alpha)) or min(alpha) <= 0):
             return None
@@ -339,20 +408,16 @@ def _rows_by_column(cols: dict[str, pa.Array], version: int, starts: dict[str, i
     return _Rows(modules, dtypes, shape, starts, offs, rank, alpha)
 
 
-def _rows_by_row(cols: dict[str, pa.Array], version: int, starts: dict[str, int]) -> _Rows:
+def _rows_by_row(cols: dict[str, list], version: int, starts: dict[str, int]) -> _Rows:
     """Every check, row by row, raising ``_Bad`` that names the first bad row."""
     lim = spec.LIMITS
-    modules = cols["module"].to_pylist()
-    shape_a = cols["shape_a"].to_pylist()
-    shape_b = cols["shape_b"].to_pylist()
-    dtype = cols["dtype"].to_pylist()
+    modules, shape_a, shape_b, dtype = cols["module"], cols["shape_a"], cols["shape_b"], cols["dtype"]
     if version == 2:
-        dta, dtb = cols["dtype_a"].to_pylist(), cols["dtype_b"].to_pylist()
-        ranks, alphas = cols["rank"].to_pylist(), cols["alpha"].to_pylist()
+        dta, dtb, ranks, alphas = cols["dtype_a"], cols["dtype_b"], cols["rank"], cols["alpha"]
     else:
         dta, dtb, ranks, alphas = dtype, dtype, [None] * len(modules), [None] * len(modules)
     seen: set[str] = set()
-    offs = {s: _offsets(cols[w]).tolist() for s, w in _SIDES}
+    offs = {s: cols[f"offs_{s}"] for s, _ in _SIDES}
     sizes = spec.ITEMSIZE if version == 2 else spec.V1_ITEMSIZE
     max_dim, max_name = lim["max_dim"], lim["max_module_name_bytes"]
     for i, m in enumerate(modules):
@@ -448,7 +513,7 @@ def _tensor(mm: mmap.mmap, pos: int, nbytes: int, dt: str, shape: tuple[int, int
     return torch.frombuffer(mm, dtype=dtype, count=count, offset=pos).reshape(shape)
 
 
-def _side_tensors(mm: mmap.mmap, arr: np.ndarray, rows: _Rows, side: str) -> dict[str, torch.Tensor]:
+def _side_tensors(mm: mmap.mmap, rows: _Rows, side: str) -> dict[str, torch.Tensor]:
     """Module -> tensor for one side, each viewing the mapping (its own NumPy array, so its own
     torch storage). The loop runs in C (``map``): per tensor one ``np.ndarray`` over the mapping
     at the tensor's offset, and one ``torch.from_numpy``."""
@@ -462,6 +527,7 @@ def _side_tensors(mm: mmap.mmap, arr: np.ndarray, rows: _Rows, side: str) -> dic
             tensors = map(torch.Tensor.view, tensors, repeat(torch_dt))
         return dict(zip(rows.modules, tensors))
     # rows of several dtypes, unaligned values, v1 float64: tensor by tensor
+    arr = np.frombuffer(mm, dtype=np.uint8)  # one view of the whole (copy-on-write) mapping
     return {m: _tensor(mm, p, n, d, tuple(s), arr)
             for m, p, n, d, s in zip(rows.modules, rows.pos(side), rows.nbytes(side), rows.dtype[side],
                                      rows.shape[side])}
@@ -474,9 +540,8 @@ _VIEW = {"float32": (np.dtype(np.float32), None), "float16": (np.dtype(np.float1
 
 def _build_card(p: dict[str, Any]) -> LoRACard:
     mm, rows = p["mmap"], p["rows"]
-    arr = np.frombuffer(mm, dtype=np.uint8)  # one view of the whole (copy-on-write) mapping
-    A = _side_tensors(mm, arr, rows, "a")
-    B = _side_tensors(mm, arr, rows, "b")
+    A = _side_tensors(mm, rows, "a")
+    B = _side_tensors(mm, rows, "b")
     rank_pattern, alpha_pattern = {}, {}
     for pattern, values, default in ((rank_pattern, rows.rank, p["rank"]),
                                      (alpha_pattern, rows.alpha, p["alpha"])):

@@ -41,10 +41,11 @@ RESERVED_METADATA_PREFIXES = ("aios_",)
 # Set by LoRAFormat.load(verify=False): structure is still checked, the O(n) scan for
 # non-finite values is skipped (the trusted hot path).
 _SKIP_VALUE_SCAN: contextvars.ContextVar[bool] = contextvars.ContextVar("skip_value_scan", default=False)
-# Set by the reader while it builds a card from rows it has already checked (tensor type,
-# allowed dtype, 2-D positive shapes, A/B ranks against rank/rank_pattern): the card then only
-# checks what the reader does not (names, targets, patterns, and the value scan). Per-tensor
-# Python checks were most of the load time of a small card.
+# Set by the reader while it builds a card from rows it has already checked (two dicts of torch
+# tensors over the same distinct, non-empty str keys; allowed dtypes, 2-D positive shapes, A/B
+# ranks against rank/rank_pattern): the card then only checks what the reader does not (names,
+# targets, patterns, and the value scan). Per-tensor Python checks were most of the load time
+# of a small card.
 _TRUSTED_LAYOUT: contextvars.ContextVar[bool] = contextvars.ContextVar("trusted_layout", default=False)
 
 
@@ -104,10 +105,11 @@ class LoRACard:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Check every invariant; raise :class:`CardFormatError` naming what is wrong."""
+        trusted = _TRUSTED_LAYOUT.get()
         self._validate_header()
-        self._validate_keys()
+        self._validate_keys(trusted)
         self._validate_patterns()
-        if _TRUSTED_LAYOUT.get():
+        if trusted:
             if not _SKIP_VALUE_SCAN.get():
                 for d in (self.weights_A, self.weights_B):
                     for key, t in d.items():
@@ -149,8 +151,8 @@ class LoRACard:
                     f"card {self.name!r}: metadata key {k!r} is reserved for the file format "
                     f"(reserved: {sorted(RESERVED_METADATA_KEYS)} and 'aios_*')")
 
-    def _validate_keys(self) -> None:
-        for fld in ("weights_A", "weights_B"):
+    def _validate_keys(self, trusted: bool = False) -> None:
+        for fld in () if trusted else ("weights_A", "weights_B"):
             d = getattr(self, fld)
             if not isinstance(d, dict):
                 raise CardFormatError(f"card {self.name!r}: {fld} must be a dict of str -> Tensor")
@@ -161,7 +163,8 @@ class LoRACard:
         if not isinstance(self.target_modules, (list, tuple)):
             raise CardFormatError(f"card {self.name!r}: target_modules must be a list of str")
         self.target_modules = list(self.target_modules)
-        a, b = set(self.weights_A), set(self.weights_B)
+        a = set(self.weights_A)
+        b = a if trusted else set(self.weights_B)
         if a != b:
             raise CardFormatError(
                 f"card {self.name!r}: A and B keys are not paired: only in weights_A "
@@ -169,7 +172,7 @@ class LoRACard:
         if not a:
             raise CardFormatError(f"card {self.name!r}: has no modules")
         # builtins over all keys at once (the loop runs in C); the slow loop only names a bad key
-        if (not all(map(isinstance, a, repeat(str))) or "" in a
+        if ((not trusted and (not all(map(isinstance, a, repeat(str))) or "" in a))
                 or any(map(str.endswith, a, repeat(".weight")))):
             for k in a:
                 if not isinstance(k, str) or not k or k.endswith(".weight"):

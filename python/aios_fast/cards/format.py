@@ -85,7 +85,7 @@ class LoRAFormat:
             CardFormatError: naming the file and the problem, for anything corrupt,
                 truncated, inconsistent or hostile.
         """
-        parsed = _read(Path(path), verify=verify, defer_checksum=True)
+        parsed = _read(path if isinstance(path, Path) else Path(path), verify=verify, defer_checksum=True)
         # The hash runs on a worker thread (hashlib releases the GIL on large buffers) while
         # this thread builds and value-scans the card; no tensor leaves before both are done.
         job = parsed["checksum_job"]

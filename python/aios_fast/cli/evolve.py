@@ -296,8 +296,14 @@ def _table(con, report: dict, has_eval: bool) -> None:
         if "mrr@10_gain_lower_bound" in det:
             t.add_row(f"gate: held-out recall@1 ({gate.get('n_heldout', '?')} q)",
                       f"{det['recall@1_before']:.3f}", f"{det['recall@1_after']:.3f}")
-            t.add_row(f"gate: MRR@10 gain, {det['gate_confidence']:.0%} bootstrap lower bound (must be > 0)",
-                      "", f"{det['mrr@10_gain_lower_bound']:+.3f}")
+            if det.get("gate_statistic") == "loss":
+                t.add_row(f"gate: held-out loss ({det.get('heldout_passages', '?')} passages)",
+                          f"{det['loss_before']:.3f}", f"{det['loss_after']:.3f}")
+                t.add_row(f"gate: loss reduction, {det['gate_confidence']:.0%} bootstrap lower bound (must be > 0)",
+                          "", f"{det['loss_reduction_lower_bound']:+.3f}")
+            else:
+                t.add_row(f"gate: MRR@10 gain, {det['gate_confidence']:.0%} bootstrap lower bound (must be > 0)",
+                          "", f"{det['mrr@10_gain_lower_bound']:+.3f}")
         t.add_row("gate: drift on general texts (max %.2f)" % gate["max_drift"], "", f"{gate['drift']:.3f}")
     if has_eval and "recall@1" in a:
         t.add_row(f"human-written eval recall@1 ({b['n']} q)", f"{b['recall@1']:.3f}", f"{a['recall@1']:.3f}")

@@ -152,7 +152,7 @@ def _passage_fields(p: Any) -> tuple[str, str]:
 
 # ---------------------------------------------------------------------------------------- teacher-free
 def inverse_cloze_pairs(passages: Sequence[Any], per_passage: int = 2, *, keep_prob: float = 0.1,
-                        min_words: int = 6, seed: int = 0) -> list[Pair]:
+                        min_words: int = 6, seed: int = 0, pool: Sequence[Any] | None = None) -> list[Pair]:
     """Inverse cloze task pairs (Lee et al. 2019): queries = ``per_passage`` sentences of a
     passage, answer = the passage without them (with them, with probability ``keep_prob``).
 
@@ -161,16 +161,20 @@ def inverse_cloze_pairs(passages: Sequence[Any], per_passage: int = 2, *, keep_p
     in-batch negatives make each other's query sentence appear verbatim in a *negative*, which
     trains the encoder away from its own passage; identical answers only tie, harmlessly.
     Sentences shorter than ``min_words`` (headings, fragments) are not used as queries; passages
-    with fewer than two sentences give no pair.
+    with fewer than two sentences give no pair. Nor is a sentence that another passage of
+    ``passages`` or ``pool`` also holds (the overlap of consecutive chunks): as a query it is
+    verbatim in that passage, which is a negative in training and a distractor in the gate, so
+    the pair would teach and measure the opposite of what it claims.
     """
     rng = random.Random(seed)
+    elsewhere = _Elsewhere(list(passages) + list(pool or ()))
     out = []
     for p in passages:
         pid, text = _passage_fields(p)
         sents = split_sentences(text)
         if len(sents) < 2:
             continue
-        usable = [i for i, s in enumerate(sents) if len(_words(s)) >= min_words]
+        usable = [i for i, s in enumerate(sents) if len(_words(s)) >= min_words and not elsewhere(pid, s)]
         chosen = set(rng.sample(usable, min(per_passage, len(usable), len(sents) - 1)))
         if not chosen:
             continue
@@ -178,6 +182,32 @@ def inverse_cloze_pairs(passages: Sequence[Any], per_passage: int = 2, *, keep_p
         rest = " ".join(s for j, s in enumerate(sents) if keep or j not in chosen)
         out.extend(Pair(sents[i], rest, (pid,), "ict") for i in sorted(chosen))
     return out
+
+
+def _norm_sentence(s: str) -> str:
+    return " ".join(_words(s))
+
+
+class _Elsewhere:
+    """Is a sentence of passage ``pid`` also held, word for word, by another passage? (Chunks
+    overlap, and Markdown lists can join or split sentences differently, so this checks the
+    normalised words as a substring of every other passage, not sentence equality.)"""
+
+    def __init__(self, passages: Sequence[Any]) -> None:
+        self._texts: dict[str, str] = {}
+        for p in passages:
+            pid, text = _passage_fields(p)
+            self._texts[pid] = f" {_norm_sentence(text)} "
+        self._memo: dict[str, frozenset[str]] = {}
+
+    def owners(self, sentence: str) -> frozenset[str]:
+        key = f" {_norm_sentence(sentence)} "
+        if key not in self._memo:
+            self._memo[key] = frozenset(pid for pid, t in self._texts.items() if key in t)
+        return self._memo[key]
+
+    def __call__(self, pid: str, sentence: str) -> bool:
+        return bool(self.owners(sentence) - {pid})
 
 
 def crop_pairs(passages: Sequence[Any], per_passage: int = 1, *, query_ratio=(0.1, 0.3),
@@ -289,11 +319,14 @@ def teacher_questions(passages: Sequence[Any], teacher: Any, encoder: Any, *, pe
     except ImportError:  # pragma: no cover
         TeacherError = RuntimeError  # type: ignore[assignment,misc]
     stop = False
+    # a fact another passage also states (chunk overlap) would make a question two passages answer
+    elsewhere = _Elsewhere(list(passages) + list(pool or ()))
     for p in passages:
         if stop:
             break
         pid, text = _passage_fields(p)
-        sents = [s for s in split_sentences(text) if len(_words(s)) >= 6] or [text]
+        long_enough = [s for s in split_sentences(text) if len(_words(s)) >= 6]
+        sents = [s for s in long_enough if not elsewhere(pid, s)] or long_enough or [text]
         for sentence in rng.sample(sents, min(per_passage, len(sents))):
             if max_requests is not None and out.asked >= max_requests:
                 stop = True
@@ -409,7 +442,7 @@ def build_pairs(passages: Sequence[Any], encoder: Any, teacher: Any = None, *,
                           min_similarity=min_similarity, answerable_k=answerable_k, seed=seed,
                           into=ps, max_requests=max_teacher_requests, on_step=on_step)
     t0 = time.perf_counter()
-    free = inverse_cloze_pairs(passages, ict_per_passage, seed=seed) + \
+    free = inverse_cloze_pairs(passages, ict_per_passage, seed=seed, pool=pool) + \
         crop_pairs(passages, crops_per_passage, seed=seed + 1)
     for p in free:
         ps.generated[p.origin] += 1

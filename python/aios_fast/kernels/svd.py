@@ -27,7 +27,7 @@ import torch
 
 from .. import _native, backends
 
-__all__ = ["delta_sketch", "orthonormalize", "tile_rows"]
+__all__ = ["delta_sketch", "orthonormalize", "tile_rows", "cholqr", "cholqr2_factors"]
 
 _HALF = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 _TILE_BYTES = 4 << 20  # float32 tile that stays in L2/L3 while torch multiplies it
@@ -198,22 +198,44 @@ def _householder(Y):
     return torch.linalg.qr(Y, mode="reduced")[0]
 
 
-def _cholqr(Y):
-    G = Y.T @ Y
-    R, info = torch.linalg.cholesky_ex(G, upper=True)
+def _chol_r(Y):
+    """R of YᵀY = RᵀR, or None where Cholesky QR would not be stable."""
+    R, info = torch.linalg.cholesky_ex(Y.T @ Y, upper=True)
     if int(info) != 0:
         return None
     d = R.diagonal().abs()
     if not bool(torch.isfinite(d).all()) or float(d.min()) <= float(d.max()) / _COND_LIMIT.get(Y.dtype, 1e3):
         return None
-    return torch.linalg.solve_triangular(R, Y, upper=True, left=False)
+    return R
+
+
+def cholqr(Y):
+    """One Cholesky QR sweep: Q = Y R⁻¹ with YᵀY = RᵀR, or None where it would not be stable.
+    Orthonormal to ~eps·cond(Y)²: enough alone only for an already nearly orthonormal Y."""
+    R = _chol_r(Y)
+    return None if R is None else torch.linalg.solve_triangular(R, Y, upper=True, left=False)
 
 
 def _cholqr2(Y):
-    Q = _cholqr(Y)
+    Q = cholqr(Y)
     if Q is not None:
-        Q = _cholqr(Q)
+        Q = cholqr(Q)
     return Q if Q is not None else _householder(Y)
+
+
+def cholqr2_factors(Y):
+    """CholeskyQR2 of a tall ``Y`` (m, l) with its factors left unmultiplied: ``(Q1, R2, R)``
+    with Y = Q1 R1, Q1 = Q R2 and R = R2 R1, so that Y = Q R with Q = Q1 R2⁻¹ orthonormal.
+    A caller that needs only products with Q (Q C = Q1 (R2⁻¹ C)) skips the second m × l
+    triangular solve. None where Cholesky QR is not stable: fall back to Householder."""
+    R1 = _chol_r(Y)
+    if R1 is None:
+        return None
+    Q1 = torch.linalg.solve_triangular(R1, Y, upper=True, left=False)
+    R2 = _chol_r(Q1)
+    if R2 is None:
+        return None
+    return Q1, R2, R2 @ R1
 
 
 def _orth_cases():

@@ -57,7 +57,7 @@ OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
                 symmetric=False),
 }
 SCHEDULES = ("constant", "linear", "cosine")
-BATCHING = ("unique", "random")
+BATCHING = ("unique", "random", "grouped")
 
 
 def resolve_defaults(cfg: Any) -> None:
@@ -121,11 +121,27 @@ def plan_batches(groups: Sequence[int], batch_size: int, epochs: int, generator:
     the ``batch_size`` groups with the most pairs left, so no group appears twice in a batch and
     as few pairs as possible are left over. When fewer groups than ``batch_size`` exist, the
     batch size is the number of groups.
+    ``"grouped"``: per epoch, the groups in a fresh random order are cut into
+    ``round(n_groups / batch_size)`` batches of (nearly) ``batch_size`` groups, and a batch holds
+    EVERY pair of its groups: each answer is encoded once per batch for all its questions
+    (:meth:`ContrastiveData.loss`), and no pair is left over. Batches differ in size.
     """
     n = len(groups)
     if batching not in BATCHING:
         raise InputError(f"batching: expected one of {BATCHING}, got {batching!r}")
     plan: list[list[int]] = []
+    if batching == "grouped":
+        members: dict[int, list[int]] = {}
+        for i, g in enumerate(groups):
+            members.setdefault(g, []).append(i)
+        keys = list(members)
+        n_batches = max(1, round(len(keys) / batch_size))
+        for _ in range(epochs):
+            order = [keys[j] for j in torch.randperm(len(keys), generator=generator).tolist()]
+            for b in range(n_batches):
+                chunk = order[b * len(keys) // n_batches:(b + 1) * len(keys) // n_batches]
+                plan.append([i for g in chunk for i in members[g]])
+        return plan
     if batching == "random":
         bs = min(batch_size, n)
         for _ in range(epochs):
@@ -175,20 +191,26 @@ def mine_hard_negatives(q_emb: torch.Tensor, a_emb: torch.Tensor, groups: Sequen
 
 
 def contrastive_loss(q: torch.Tensor, a: torch.Tensor, scale: float, row_groups: torch.Tensor,
-                     col_groups: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
+                     col_groups: torch.Tensor, symmetric: bool = False,
+                     targets: torch.Tensor | None = None) -> torch.Tensor:
     """In-batch-negatives cross-entropy with group masking.
 
     Args:
-        q: (n, d) normalised question embeddings; a: (m >= n, d) normalised candidates whose
-            first n rows are the positives (then hard negatives).
+        q: (n, d) normalised question embeddings; a: (m, d) normalised candidates whose first n
+            rows are the positives (then hard negatives), or, with ``targets``, any candidates.
         scale: cosine -> logit multiplier (20 as in sentence-transformers).
         row_groups: (n,) answer group of each row; col_groups: (m,) of each candidate.
         symmetric: also the answer->question direction over the n positives (CLIP).
+        targets: (n,) column of each row's positive (grouped batches: several rows share one
+            answer column); ``None`` = the diagonal.
     """
     n = q.shape[0]
-    eye = torch.arange(n, device=q.device)
+    rows = torch.arange(n, device=q.device)
+    eye = rows if targets is None else targets.to(q.device)
+    if symmetric and targets is not None:
+        raise InputError("symmetric loss needs one positive column per row (batching 'unique' or 'random')")
     same = row_groups[:, None] == col_groups[None, :]
-    same[eye, eye] = False
+    same[rows, eye] = False
     logits = (q @ a.T).float() * scale
     logits = logits.masked_fill(same, float("-inf"))
     loss = F.cross_entropy(logits, eye)
@@ -223,7 +245,7 @@ class ContrastiveData:
     def __init__(self, view: Any, data: Sequence[tuple[str, str]], cfg: Any) -> None:
         self.view, self.data, self.cfg = view, list(data), cfg
         answers = [a for _, a in self.data]
-        need_emb = cfg.batching == "unique" or cfg.hard_negatives > 0
+        need_emb = cfg.batching in ("unique", "grouped") or cfg.hard_negatives > 0
         a_emb = None
         if need_emb:  # encode each distinct answer once
             uniq = {a: i for i, a in enumerate(dict.fromkeys(answers))}
@@ -244,6 +266,8 @@ class ContrastiveData:
 
     def loss(self, idx: Sequence[int]) -> torch.Tensor:
         view, cfg = self.view, self.cfg
+        if cfg.batching == "grouped":
+            return self._grouped_loss(list(idx))
         cols = list(idx)
         if self.hard is not None and self.hard.shape[1]:
             cols += self.hard[list(idx)].flatten().tolist()
@@ -252,3 +276,21 @@ class ContrastiveData:
         dev = q.device
         return contrastive_loss(q, a, cfg.scale, self.group_t[list(idx)].to(dev),
                                 self.group_t[cols].to(dev), cfg.symmetric)
+
+    def _grouped_loss(self, idx: list[int]) -> torch.Tensor:
+        """A batch of whole answer groups: one column per group (its first pair's answer, then
+        the rows' hard negatives), each question's positive its group's column."""
+        view, cfg = self.view, self.cfg
+        first: dict[int, int] = {}
+        for i in idx:
+            first.setdefault(self.groups[i], i)
+        cols = list(first.values())
+        col_of = {g: j for j, g in enumerate(first)}
+        if self.hard is not None and self.hard.shape[1]:
+            cols += self.hard[idx].flatten().tolist()
+        q = F.normalize(view.embed_texts([self.data[i][0] for i in idx]), dim=-1)
+        a = F.normalize(view.embed_texts([self.data[i][1] for i in cols]), dim=-1)
+        dev = q.device
+        targets = torch.tensor([col_of[self.groups[i]] for i in idx], device=dev)
+        return contrastive_loss(q, a, cfg.scale, self.group_t[idx].to(dev), self.group_t[cols].to(dev),
+                                False, targets)

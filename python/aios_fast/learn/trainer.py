@@ -73,7 +73,8 @@ class TrainConfig:
         check("batching", self.batching in BATCHING, f"one of {BATCHING}")
         check("near_duplicate", isinstance(self.near_duplicate, (int, float)) and 0 < self.near_duplicate <= 1, "a number in (0, 1]")
         check("hard_negatives", isinstance(self.hard_negatives, int) and self.hard_negatives >= 0, "an int >= 0")
-        check("symmetric", isinstance(self.symmetric, bool), "True or False")
+        check("symmetric", isinstance(self.symmetric, bool) and not (self.symmetric and self.batching == "grouped"),
+              "True or False (False with batching 'grouped': a grouped batch has several questions per answer)")
         check("rank", isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0, "an int > 0")
         check("alpha", isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0, "a finite number > 0")
         check("epochs", isinstance(self.epochs, int) and self.epochs > 0, "an int > 0")
