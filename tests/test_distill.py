@@ -251,6 +251,9 @@ def test_loss_gate_needs_the_loss_to_fall_and_mrr_to_hold():
     assert not _decide(base, ranks(rr, noisy), clusters, v, cfg).passed
     # the MRR@10 statistic: an unchanged ranking is refused even though the loss fell
     assert not _decide(base, ranks(rr, lower), clusters, v, DistillConfig(gate_statistic="mrr")).passed
+    one = _decide(base, ranks(rr, lower), ["p0"] * 36, v, cfg)   # one passage: no estimate of the noise
+    assert not one.passed and one.details["loss_reduction_lower_bound"] is None
+    assert "(1 passages)" in one.reasons[0] and "-inf is not above 0" in one.reasons[0]
     drifted = _decide(base, ranks(rr, lower), clusters,
                       ValidationReport(**{**v.__dict__, "reasons": ["drift 0.2 > 0.15"]}), cfg)
     assert not drifted.passed and drifted.reasons == ["drift 0.2 > 0.15"]

@@ -279,6 +279,10 @@ def _gate_of(report: dict) -> dict | None:
     return next((j["gate"] for j in reversed(jobs) if j.get("gate")), None)
 
 
+def _signed(x) -> str:
+    return "n/a (one passage)" if x is None else f"{x:+.3f}"
+
+
 def _table(con, report: dict, has_eval: bool) -> None:
     from rich.table import Table
 
@@ -300,10 +304,11 @@ def _table(con, report: dict, has_eval: bool) -> None:
                 t.add_row(f"gate: held-out loss ({det.get('heldout_passages', '?')} passages)",
                           f"{det['loss_before']:.3f}", f"{det['loss_after']:.3f}")
                 t.add_row(f"gate: loss reduction, {det['gate_confidence']:.0%} bootstrap lower bound (must be > 0)",
-                          "", f"{det['loss_reduction_lower_bound']:+.3f}")
+                          "", _signed(det["loss_reduction_lower_bound"]))
             else:
-                t.add_row(f"gate: MRR@10 gain, {det['gate_confidence']:.0%} bootstrap lower bound (must be > 0)",
-                          "", f"{det['mrr@10_gain_lower_bound']:+.3f}")
+                t.add_row(f"gate: MRR@10 gain, {det['gate_confidence']:.0%} bootstrap lower bound by passage "
+                          f"({det.get('heldout_passages', '?')} passages; must be > 0)",
+                          "", _signed(det["mrr@10_gain_lower_bound"]))
         t.add_row("gate: drift on general texts (max %.2f)" % gate["max_drift"], "", f"{gate['drift']:.3f}")
     if has_eval and "recall@1" in a:
         t.add_row(f"human-written eval recall@1 ({b['n']} q)", f"{b['recall@1']:.3f}", f"{a['recall@1']:.3f}")

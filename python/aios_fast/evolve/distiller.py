@@ -620,12 +620,15 @@ def _decide(before: _Ranks, after: _Ranks, clusters: Sequence[str], v, cfg: "Dis
     from dataclasses import replace as dc_replace
 
     diffs = after.rr - before.rr
-    lb = bootstrap_lower_bound(diffs, cfg.gate_confidence, cfg.gate_resamples, cfg.seed, clusters)
     drop = before.nll - after.nll
-    loss_lb = bootstrap_lower_bound(drop, cfg.gate_confidence, cfg.gate_resamples, cfg.seed, clusters)
+    n_pass = len(set(clusters))
+    if n_pass >= 2:
+        lb = bootstrap_lower_bound(diffs, cfg.gate_confidence, cfg.gate_resamples, cfg.seed, clusters)
+        loss_lb = bootstrap_lower_bound(drop, cfg.gate_confidence, cfg.gate_resamples, cfg.seed, clusters)
+    else:   # one passage: its questions say nothing about how the gain varies between passages
+        lb = loss_lb = float("-inf")
     gain = float(diffs.mean())
     reasons = [r for r in v.reasons if r.startswith("drift")]
-    n_pass = len(set(clusters))
     if cfg.gate_statistic == "mrr" and not lb > 0.0:
         reasons.insert(0, f"mrr@10 went from {before.rr.mean():.4f} to {after.rr.mean():.4f} on "
                           f"{len(diffs)} held-out questions ({n_pass} passages): gain {gain:+.4f}, its "
@@ -642,10 +645,11 @@ def _decide(before: _Ranks, after: _Ranks, clusters: Sequence[str], v, cfg: "Dis
     if cfg.margin is not None and not gain >= cfg.margin:
         reasons.append(f"mrr@10 gain {gain:+.4f} is below the margin {cfg.margin}")
     details = dict(v.details)
-    details.update({"mrr@10_gain_lower_bound": lb, "gate_confidence": cfg.gate_confidence,
+    finite = n_pass >= 2   # no bound at all from one passage (and -inf is not JSON)
+    details.update({"mrr@10_gain_lower_bound": lb if finite else None, "gate_confidence": cfg.gate_confidence,
                     "gate_statistic": cfg.gate_statistic, "heldout_passages": n_pass,
                     "loss_before": float(before.nll.mean()), "loss_after": float(after.nll.mean()),
-                    "loss_reduction_lower_bound": loss_lb,
+                    "loss_reduction_lower_bound": loss_lb if finite else None,
                     "improved": int((diffs > 0).sum()), "worsened": int((diffs < 0).sum()),
                     "recall@1_before": float(before.top1.mean()), "recall@1_after": float(after.top1.mean())})
     return dc_replace(v, metric="mrr@10", before=float(before.rr.mean()), after=float(after.rr.mean()),
