@@ -195,16 +195,25 @@ class _Elsewhere:
 
     def __init__(self, passages: Sequence[Any]) -> None:
         self._texts: dict[str, str] = {}
+        self._by_word: dict[str, set[str]] = {}   # word -> passages holding it (a large pool stays cheap)
         for p in passages:
             pid, text = _passage_fields(p)
-            self._texts[pid] = f" {_norm_sentence(text)} "
+            norm = _norm_sentence(text)
+            self._texts[pid] = f" {norm} "
+            for w in set(norm.split()):
+                self._by_word.setdefault(w, set()).add(pid)
         self._memo: dict[str, frozenset[str]] = {}
 
     def owners(self, sentence: str) -> frozenset[str]:
-        key = f" {_norm_sentence(sentence)} "
-        if key not in self._memo:
-            self._memo[key] = frozenset(pid for pid, t in self._texts.items() if key in t)
-        return self._memo[key]
+        norm = _norm_sentence(sentence)
+        if norm not in self._memo:
+            words = set(norm.split())
+            # only passages that hold the sentence's rarest word can hold the sentence
+            rare = min(words, key=lambda w: len(self._by_word.get(w, ())), default=None)
+            cands = self._by_word.get(rare, set()) if rare is not None else set()
+            key = f" {norm} "
+            self._memo[norm] = frozenset(pid for pid in cands if key in self._texts[pid])
+        return self._memo[norm]
 
     def __call__(self, pid: str, sentence: str) -> bool:
         return bool(self.owners(sentence) - {pid})
