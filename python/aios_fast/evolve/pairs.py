@@ -398,7 +398,7 @@ def dedup_pairs(pairs: Sequence[Pair], encoder: Any, threshold: float = 0.95,
     seen: set[str] = set()
     cand = []
     for i in order:
-        key = " ".join(_words(pairs[i].query))
+        key = _norm_sentence(pairs[i].query)
         if key in seen:
             if into is not None:
                 into.reject("duplicate", pairs[i].query, pairs[i].passage_ids[0])

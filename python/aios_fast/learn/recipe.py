@@ -265,32 +265,24 @@ class ContrastiveData:
                             self.cfg.batching)
 
     def loss(self, idx: Sequence[int]) -> torch.Tensor:
+        """One step's loss. Columns: the rows' answers (``"grouped"``: one per answer group, its
+        first pair's answer, which all the group's rows share), then the rows' hard negatives."""
         view, cfg = self.view, self.cfg
+        idx = list(idx)
+        targets = None
         if cfg.batching == "grouped":
-            return self._grouped_loss(list(idx))
-        cols = list(idx)
-        if self.hard is not None and self.hard.shape[1]:
-            cols += self.hard[list(idx)].flatten().tolist()
-        q = F.normalize(view.embed_texts([self.data[i][0] for i in idx]), dim=-1)
-        a = F.normalize(view.embed_texts([self.data[i][1] for i in cols]), dim=-1)
-        dev = q.device
-        return contrastive_loss(q, a, cfg.scale, self.group_t[list(idx)].to(dev),
-                                self.group_t[cols].to(dev), cfg.symmetric)
-
-    def _grouped_loss(self, idx: list[int]) -> torch.Tensor:
-        """A batch of whole answer groups: one column per group (its first pair's answer, then
-        the rows' hard negatives), each question's positive its group's column."""
-        view, cfg = self.view, self.cfg
-        first: dict[int, int] = {}
-        for i in idx:
-            first.setdefault(self.groups[i], i)
-        cols = list(first.values())
-        col_of = {g: j for j, g in enumerate(first)}
+            first: dict[int, int] = {}
+            for i in idx:
+                first.setdefault(self.groups[i], i)
+            cols = list(first.values())
+            col_of = {g: j for j, g in enumerate(first)}
+            targets = torch.tensor([col_of[self.groups[i]] for i in idx])
+        else:
+            cols = list(idx)
         if self.hard is not None and self.hard.shape[1]:
             cols += self.hard[idx].flatten().tolist()
         q = F.normalize(view.embed_texts([self.data[i][0] for i in idx]), dim=-1)
         a = F.normalize(view.embed_texts([self.data[i][1] for i in cols]), dim=-1)
         dev = q.device
-        targets = torch.tensor([col_of[self.groups[i]] for i in idx], device=dev)
         return contrastive_loss(q, a, cfg.scale, self.group_t[idx].to(dev), self.group_t[cols].to(dev),
-                                False, targets)
+                                cfg.symmetric, None if targets is None else targets.to(dev))
