@@ -31,9 +31,12 @@ def test_evolve_main_job_end_to_end(tmp_path):
     probes = tmp_path / "probes.txt"
     probes.write_text("how much are late fees for dvds\nhow many ebooks can I have out in shelfwise\n"
                       "when does the central library close on saturday\nhow do I book the heron room\n")
+    # one held-out split (--gate-folds 1, evolve's default): the library's 4-fold cross-fitted gate
+    # costs four more trainings (~+400 s on one thread) and is run on this domain by
+    # test_distill.py::test_local_teacher_card_raises_human_recall; this test is the loop
     proc = _run(["--docs", str(DATA / "docs"), "--queries", str(DATA / "queries.txt"),
                  "--probe-queries", str(probes), "--eval", str(DATA / "eval.jsonl"),
-                 "--out", str(out), "--json"], tmp_path)
+                 "--gate-folds", "1", "--out", str(out), "--json"], tmp_path)
     assert proc.returncode in (0, 3), proc.stderr[-4000:]
     rep = json.loads(proc.stdout)
     assert (proc.returncode == 0) == rep["passed"]
@@ -63,6 +66,11 @@ def test_evolve_main_job_end_to_end(tmp_path):
     assert rep["after"]["recall@1"] > rep["before"]["recall@1"]
     assert rep["skill"]["sources"] and all(len(s["hash"]) == 64 for s in rep["skill"]["sources"])
     assert (out / "library" / "index.parquet").exists() or list((out / "library").rglob("*.lora.arrow"))
+
+
+def test_evolve_bad_gate_folds_is_refused_by_name(tmp_path):
+    proc = _run(["--gate-folds", "-2", "--out", str(tmp_path / "o")], tmp_path, timeout=120)
+    assert proc.returncode == 1 and "--gate-folds" in proc.stderr and "got -2" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_evolve_bad_input_names_the_file(tmp_path):

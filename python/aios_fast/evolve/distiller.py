@@ -89,7 +89,15 @@ class DistillConfig:
         min_teacher_pairs: with a teacher, fewer kept teacher questions than this means the
             teacher is broken or useless: no card (a configured teacher that fails is reported,
             never silently ignored).
-        heldout_fraction, min_heldout: the gate's held-out share of teacher and ICT pairs.
+        heldout_fraction, min_heldout: the gate's held-out share of teacher and ICT pairs (with
+            ``gate_folds`` <= 1; cross-fitting holds out every passage once).
+        gate_folds: K-fold cross-fitting of the bootstrap gate (encoders): the question-bearing
+            passages are dealt into K folds; for each fold a card is trained on everything not
+            about its passages and measured on its questions, so every teacher and ICT question
+            is held out once. The pooled paired MRR@10 gains decide (resampled by passage), and
+            the card that is kept is trained on all pairs. One held-out quarter of a small topic
+            is too few passages for a bound to clear 0 (BENCHMARKS.md, "Distillation"); the
+            price is K extra trainings. ``<= 1``: a single ``heldout_fraction`` split.
         rank, alpha, lr, batch_size, target_modules: the LoRA training.
         epochs: ``None`` = enough epochs for ``min_steps`` optimiser steps (at least 3, at most
             ``max_epochs``): a small topic must still train long enough to change the model.
@@ -137,6 +145,7 @@ class DistillConfig:
     gate_confidence: float = 0.95
     gate_resamples: int = 2000
     gate_statistic: str = "mrr"
+    gate_folds: int = 4
     batching: str = "unique"
 
     def __post_init__(self) -> None:
@@ -153,6 +162,8 @@ class DistillConfig:
             raise InputError(f"DistillConfig.gate_rule: expected 'bootstrap' or 'margin', got {self.gate_rule!r}")
         if not 0.5 <= self.gate_confidence < 1.0:
             raise InputError(f"DistillConfig.gate_confidence: expected a number in [0.5, 1), got {self.gate_confidence!r}")
+        if isinstance(self.gate_folds, bool) or not isinstance(self.gate_folds, int) or self.gate_folds < 0:
+            raise InputError(f"DistillConfig.gate_folds: expected an int >= 0 (<= 1: one split), got {self.gate_folds!r}")
         if isinstance(self.gate_resamples, bool) or not isinstance(self.gate_resamples, int) or self.gate_resamples < 100:
             raise InputError(f"DistillConfig.gate_resamples: expected an int >= 100, got {self.gate_resamples!r}")
         if self.gate_statistic not in ("loss", "mrr"):
@@ -266,9 +277,12 @@ class CloudDistiller:
             passages, sources = self._ground(queries, docs, urls, report)
             pairs = self._pairs(passages, provider, num_pairs, report)
             self._log_pairs(pairs, name, report)
-            train, heldout, distractors = self._split(pairs, passages, report)
-            card = self._train(train, name, report)
-            self._gate(card, heldout, distractors, report)
+            if self._crossfitting():
+                card = self._crossfit(pairs, passages, name, report)
+            else:
+                train, heldout, distractors = self._split(pairs, passages, report)
+                card = self._train(train, name, report)
+                self._gate(card, heldout, distractors, report)
             card = self._describe(card, queries, passages, sources, pairs, provider, report)
             entry = self._save(card, queries, pairs, examples, report, stage)
         except _NoCard as why:
@@ -410,11 +424,7 @@ class CloudDistiller:
         n = max(cfg.min_heldout, int(round(cfg.heldout_fraction * len(eligible))))
         if len(eligible) < n + 2:
             raise _NoCard(f"thin data: {len(eligible)} question-like pairs, need {n + 2} to hold out {n} for the gate")
-        # Hold out whole passages: a held-out question whose passage (or that passage's shared
-        # inverse-cloze answer) is also trained on measures memorising, not answering.
-        by_passage: dict[str, list[int]] = {}
-        for i in eligible:
-            by_passage.setdefault(ps.pairs[i].passage_ids[0], []).append(i)
+        by_passage = _questions_by_passage(ps, eligible)
         order = sorted(by_passage)
         rng.shuffle(order)
         held_passages: set[str] = set()
@@ -430,36 +440,39 @@ class CloudDistiller:
         if len(train) < 2:
             raise _NoCard(f"thin data: {len(train)} training pairs left after holding out "
                           f"{len(held_passages)} passage(s) for the gate")
-        # every retrieved passage competes as an answer, in the same form as the held-out answers
-        # (its shared ICT answer where it has one), except the held-out pairs' own passages
-        taken = {pid for p in heldout for pid in p.passage_ids}
-        shared = {p.passage_ids[0]: p.answer for p in ps.pairs if p.origin == "ict"}
-        distractors = [shared.get(p.id, p.text) for p in passages if p.id not in taken]
+        distractors = _distractors(ps, passages, heldout)
         report["split"] = {"train": len(train), "heldout": len(heldout), "distractors": len(distractors),
                            "heldout_by_origin": _count(p.origin for p in heldout)}
         return train, heldout, distractors
 
-    def _train(self, train: list[Pair], name: str, report):
+    def _epochs(self, train: list[Pair]) -> int:
+        cfg = self.config
+        if cfg.epochs is not None:
+            return cfg.epochs
+        if cfg.batching == "grouped":   # whole answer groups per batch
+            per_epoch = max(1, round(len({p.answer for p in train}) / cfg.batch_size))
+        else:
+            per_epoch = max(1, len(train) // min(cfg.batch_size, len(train)))
+        return min(cfg.max_epochs, max(3, -(-cfg.min_steps // per_epoch)))
+
+    def _fit(self, train: list[Pair], name: str, report, key: str = "training"):
+        """Train one card on ``train``; a diverged run is a reason for no card."""
         from ..learn.trainer import LoRATrainer
 
-        t0 = time.perf_counter()
         cfg = self.config
-        epochs = cfg.epochs
-        if epochs is None:
-            if cfg.batching == "grouped":   # whole answer groups per batch
-                per_epoch = max(1, round(len({p.answer for p in train}) / cfg.batch_size))
-            else:
-                per_epoch = max(1, len(train) // min(cfg.batch_size, len(train)))
-            epochs = min(cfg.max_epochs, max(3, -(-cfg.min_steps // per_epoch)))
-        self._emit("train_start", {"pairs": len(train), "epochs": epochs})
         try:
-            card, tr = LoRATrainer(self.engine).train(
-                [(p.query, p.answer) for p in train], rank=cfg.rank, alpha=cfg.alpha, epochs=epochs,
+            return LoRATrainer(self.engine).train(
+                [(p.query, p.answer) for p in train], rank=cfg.rank, alpha=cfg.alpha, epochs=self._epochs(train),
                 lr=cfg.lr, batch_size=cfg.batch_size, target_modules=cfg.target_modules, seed=cfg.seed,
                 name=name, progress=self.progress, batching=cfg.batching)
         except TrainingDivergedError as exc:
-            report["training"] = getattr(exc, "report", None) and exc.report.to_dict()
+            report[key] = getattr(exc, "report", None) and exc.report.to_dict()
             raise _NoCard(str(exc)) from None
+
+    def _train(self, train: list[Pair], name: str, report):
+        t0 = time.perf_counter()
+        self._emit("train_start", {"pairs": len(train), "epochs": self._epochs(train)})
+        card, tr = self._fit(train, name, report)
         self.last_training = tr
         report["training"] = {k: v for k, v in tr.to_dict().items() if k != "config"}
         self._stage(report, "train", t0, steps=tr.steps, final_loss=round(tr.final_loss, 4))
@@ -480,6 +493,81 @@ class CloudDistiller:
                     after=round(v.after, 4), drift=round(v.drift, 4))
         if not v.passed:
             raise _NoCard("the gate refused the skill: " + "; ".join(v.reasons))
+
+    def _crossfitting(self) -> bool:
+        cfg = self.config
+        return self.kind == "encoder" and cfg.gate_rule == "bootstrap" and cfg.gate_folds > 1
+
+    def _crossfit(self, ps: PairSet, passages, name: str, report):
+        """The cross-fitted gate (``DistillConfig.gate_folds``): K cards, each trained without
+        one fold of passages and measured on that fold's questions, give paired base/card
+        figures for every teacher and ICT question; the bootstrap over passages decides on the
+        pooled figures. The card kept is then trained on all pairs and checked for drift on
+        the guard texts; its validation report carries the cross-fitted figures and its own
+        checksum. This measures the training recipe on this topic rather than one card on one
+        held-out quarter: the usual price of using all the data for the final model (Hastie,
+        Tibshirani & Friedman 2009, §7.10)."""
+        import numpy as np
+
+        from ..learn.gate import validate
+
+        cfg = self.config
+        eligible = [i for i, p in enumerate(ps.pairs) if p.origin in ("teacher", "ict")]
+        by_passage = _questions_by_passage(ps, eligible)
+        if len(eligible) < cfg.min_heldout or len(by_passage) < 2:
+            raise _NoCard(f"thin data: {len(eligible)} question-like pairs from {len(by_passage)} passage(s); "
+                          f"the gate needs at least {cfg.min_heldout} from 2 passages")
+        order = sorted(by_passage)
+        random.Random(cfg.seed).shuffle(order)
+        k = min(cfg.gate_folds, len(order))
+        t0 = time.perf_counter()
+        rr_b, rr_a, nll_b, nll_a, top_b, top_a, clusters, held_all = [], [], [], [], [], [], [], []
+        report["folds"] = []
+        for f in range(k):
+            tf = time.perf_counter()
+            fold = set(order[f::k])
+            held = [ps.pairs[i] for pid in order[f::k] for i in by_passage[pid]]
+            train = [p for p in ps.pairs if not (set(p.passage_ids) & fold)]
+            if len(train) < 2:
+                raise _NoCard(f"thin data: fold {f + 1} of {k} leaves {len(train)} training pairs")
+            self._emit("fold_start", {"fold": f + 1, "folds": k, "pairs": len(train), "heldout": len(held),
+                                      "epochs": self._epochs(train)})
+            card, _ = self._fit(train, name, report, key="fold_training")
+            before, after = _paired_ranks(card, self.engine, held, _distractors(ps, passages, held))
+            for dst, src in ((rr_b, before.rr), (rr_a, after.rr), (nll_b, before.nll), (nll_a, after.nll),
+                             (top_b, before.top1), (top_a, after.top1)):
+                dst.append(src)
+            clusters += [p.passage_ids[0] for p in held]
+            held_all += held
+            info = {"fold": f + 1, "folds": k, "train": len(train), "heldout": len(held),
+                    "passages": len(fold), "mrr_before": round(float(before.rr.mean()), 4),
+                    "mrr_after": round(float(after.rr.mean()), 4), "seconds": round(time.perf_counter() - tf, 3)}
+            report["folds"].append(info)
+            self._emit("fold", info)
+        report["timings"]["folds"] = round(time.perf_counter() - t0, 3)
+        report["split"] = {"folds": k, "train": len(ps.pairs), "heldout": len(held_all),
+                           "heldout_by_origin": _count(p.origin for p in held_all)}
+        card = self._train(ps.pairs, name, report)
+
+        tg = time.perf_counter()
+        cat = np.concatenate
+        pooled_b = _Ranks(cat(rr_b), cat(top_b), cat(nll_b))
+        pooled_a = _Ranks(cat(rr_a), cat(top_a), cat(nll_a))
+        # validate() for the final card's drift and checksum; its own retrieval figures would be
+        # measured on the card's training pairs, so they are dropped for the cross-fitted ones
+        v = validate(card, self.engine, [(p.query, p.answer) for p in held_all], self.guard,
+                     margin=cfg.margin, max_drift=cfg.max_drift, store=False)
+        from dataclasses import replace as dc_replace
+
+        v = dc_replace(v, details={"cross_fit_folds": k}, n_heldout=len(held_all))
+        v = _decide(pooled_b, pooled_a, clusters, v, cfg, folds=k)
+        card.metadata["validation"] = v.to_json()
+        report["gate"] = v.to_dict()
+        self._stage(report, "gate", tg, passed=v.passed, metric=v.metric, before=round(v.before, 4),
+                    after=round(v.after, 4), drift=round(v.drift, 4), folds=k)
+        if not v.passed:
+            raise _NoCard("the gate refused the skill: " + "; ".join(v.reasons))
+        return card
 
     def _describe(self, card, queries, passages, sources, ps: PairSet, provider, report):
         card.metadata.update({
@@ -615,13 +703,16 @@ def _bootstrap_gate(card, engine, heldout, distractors, v, cfg: "DistillConfig")
     return out
 
 
-def _decide(before: _Ranks, after: _Ranks, clusters: Sequence[str], v, cfg: "DistillConfig"):
-    """The decision of :func:`_bootstrap_gate` from the paired per-question figures."""
+def _decide(before: _Ranks, after: _Ranks, clusters: Sequence[str], v, cfg: "DistillConfig", folds: int = 1):
+    """The decision of :func:`_bootstrap_gate` from the paired per-question figures (``folds``
+    > 1: pooled from that many cross-fitted cards, each measured on the questions it was not
+    trained on)."""
     from dataclasses import replace as dc_replace
 
     diffs = after.rr - before.rr
     drop = before.nll - after.nll
     n_pass = len(set(clusters))
+    held = "held-out" if folds <= 1 else f"held-out ({folds}-fold cross-fitted)"
     if n_pass >= 2:
         lb = bootstrap_lower_bound(diffs, cfg.gate_confidence, cfg.gate_resamples, cfg.seed, clusters)
         loss_lb = bootstrap_lower_bound(drop, cfg.gate_confidence, cfg.gate_resamples, cfg.seed, clusters)
@@ -631,17 +722,17 @@ def _decide(before: _Ranks, after: _Ranks, clusters: Sequence[str], v, cfg: "Dis
     reasons = [r for r in v.reasons if r.startswith("drift")]
     if cfg.gate_statistic == "mrr" and not lb > 0.0:
         reasons.insert(0, f"mrr@10 went from {before.rr.mean():.4f} to {after.rr.mean():.4f} on "
-                          f"{len(diffs)} held-out questions ({n_pass} passages): gain {gain:+.4f}, its "
+                          f"{len(diffs)} {held} questions ({n_pass} passages): gain {gain:+.4f}, its "
                           f"{cfg.gate_confidence:.0%} bootstrap lower bound {lb:+.4f} is not above 0")
     if cfg.gate_statistic == "loss":
         if not loss_lb > 0.0:
             reasons.insert(0, f"held-out loss went from {before.nll.mean():.4f} to {after.nll.mean():.4f} on "
-                              f"{len(diffs)} questions ({n_pass} passages): its {cfg.gate_confidence:.0%} "
+                              f"{len(diffs)} {held} questions ({n_pass} passages): its {cfg.gate_confidence:.0%} "
                               f"bootstrap lower bound of the reduction {loss_lb:+.4f} is not above 0 "
                               f"(mrr@10 {before.rr.mean():.4f} -> {after.rr.mean():.4f})")
         elif not gain >= 0.0:
             reasons.insert(0, f"mrr@10 went down from {before.rr.mean():.4f} to {after.rr.mean():.4f} on "
-                              f"{len(diffs)} held-out questions although the loss fell")
+                              f"{len(diffs)} {held} questions although the loss fell")
     if cfg.margin is not None and not gain >= cfg.margin:
         reasons.append(f"mrr@10 gain {gain:+.4f} is below the margin {cfg.margin}")
     details = dict(v.details)
@@ -655,6 +746,24 @@ def _decide(before: _Ranks, after: _Ranks, clusters: Sequence[str], v, cfg: "Dis
     return dc_replace(v, metric="mrr@10", before=float(before.rr.mean()), after=float(after.rr.mean()),
                       margin=0.0 if cfg.margin is None else float(cfg.margin), passed=not reasons,
                       reasons=reasons, details=details)
+
+
+def _questions_by_passage(ps: PairSet, eligible: Sequence[int]) -> dict[str, list[int]]:
+    """Question indices grouped by their passage. The gate holds out whole passages: a held-out
+    question whose passage (or that passage's shared inverse-cloze answer) is also trained on
+    measures memorising, not answering."""
+    by_passage: dict[str, list[int]] = {}
+    for i in eligible:
+        by_passage.setdefault(ps.pairs[i].passage_ids[0], []).append(i)
+    return by_passage
+
+
+def _distractors(ps: PairSet, passages, heldout: Sequence[Pair]) -> list[str]:
+    """Every retrieved passage competes as an answer, in the same form as the held-out answers
+    (its shared ICT answer where it has one), except the held-out pairs' own passages."""
+    taken = {pid for p in heldout for pid in p.passage_ids}
+    shared = {p.passage_ids[0]: p.answer for p in ps.pairs if p.origin == "ict"}
+    return [shared.get(p.id, p.text) for p in passages if p.id not in taken]
 
 
 def _router_examples(queries, ps: PairSet, cfg: DistillConfig) -> list[str]:
