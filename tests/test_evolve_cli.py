@@ -20,7 +20,7 @@ DATA = Path(__file__).parent / "data" / "distill"
 def _run(args, tmp_path, timeout=1200):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "python"),
                                                         os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "2" if (os.cpu_count() or 1) >= 2 else "1"}
     return subprocess.run([sys.executable, "-m", "aios_fast.cli", "evolve", *args], env=env,
                           capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
 
