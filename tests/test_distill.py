@@ -347,7 +347,8 @@ def test_cross_fitted_gate_holds_out_every_question_once(encoder, core_index):
     assert gate["n_heldout"] == len(eligible) and gate["details"]["cross_fit_folds"] == 3
     assert gate["details"]["heldout_passages"] == n_passages and gate["metric"] == "mrr@10"
     assert d.last_training is not None and report["training"]["steps"] > 0     # the final card
-    if card is not None:
+    assert gate["card_checksum"]      # the verdict is bound to the final card's tensors either way
+    if card is not None:              # kept here: LB +0.004 (measured 2026-12-03)
         rep = ValidationReport.from_json(card.metadata["validation"])
         assert rep.passed and rep.card_checksum == card.tensor_checksum()
     # the same folds with a recipe that does not learn: refused, with the cross-fitted figures
