@@ -488,9 +488,13 @@ class CloudDistiller:
                      distractors=distractors if self.kind == "encoder" else ())
         if self.kind == "encoder" and cfg.gate_rule == "bootstrap":
             v = _bootstrap_gate(card, self.engine, heldout, distractors, v, cfg)
+        self._verdict(v, report, t0)
+
+    def _verdict(self, v, report, t0: float, **info: Any) -> None:
+        """Record the gate's report and stage; no card when it refused."""
         report["gate"] = v.to_dict()
         self._stage(report, "gate", t0, passed=v.passed, metric=v.metric, before=round(v.before, 4),
-                    after=round(v.after, 4), drift=round(v.drift, 4))
+                    after=round(v.after, 4), drift=round(v.drift, 4), **info)
         if not v.passed:
             raise _NoCard("the gate refused the skill: " + "; ".join(v.reasons))
 
@@ -553,20 +557,17 @@ class CloudDistiller:
         cat = np.concatenate
         pooled_b = _Ranks(cat(rr_b), cat(top_b), cat(nll_b))
         pooled_a = _Ranks(cat(rr_a), cat(top_a), cat(nll_a))
-        # validate() for the final card's drift and checksum; its own retrieval figures would be
-        # measured on the card's training pairs, so they are dropped for the cross-fitted ones
-        v = validate(card, self.engine, [(p.query, p.answer) for p in held_all], self.guard,
+        # validate() for the final card's drift and checksum only: its retrieval figures would be
+        # measured on the card's own training pairs and are replaced by the cross-fitted ones, so
+        # it gets the two pairs it needs, not all of them
+        v = validate(card, self.engine, [(p.query, p.answer) for p in held_all[:2]], self.guard,
                      margin=cfg.margin, max_drift=cfg.max_drift, store=False)
         from dataclasses import replace as dc_replace
 
         v = dc_replace(v, details={"cross_fit_folds": k}, n_heldout=len(held_all))
         v = _decide(pooled_b, pooled_a, clusters, v, cfg, folds=k)
         card.metadata["validation"] = v.to_json()
-        report["gate"] = v.to_dict()
-        self._stage(report, "gate", tg, passed=v.passed, metric=v.metric, before=round(v.before, 4),
-                    after=round(v.after, 4), drift=round(v.drift, 4), folds=k)
-        if not v.passed:
-            raise _NoCard("the gate refused the skill: " + "; ".join(v.reasons))
+        self._verdict(v, report, tg, folds=k)
         return card
 
     def _describe(self, card, queries, passages, sources, ps: PairSet, provider, report):
