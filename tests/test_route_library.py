@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -210,7 +211,7 @@ def test_two_processes_add_without_losing_rows_and_readers_never_see_half(tmp_pa
         while any(p.poll() is None for p in procs):
             try:
                 # one open handle, as the library reads it: the inode it names is complete
-                fh = open(lib_dir / "index.parquet", "rb")
+                fh = pa.OSFile(str(lib_dir / "index.parquet"), "rb")
             except FileNotFoundError:
                 continue
             with fh:

@@ -151,8 +151,9 @@ def _run(args: argparse.Namespace) -> int:
             say(f"  [cyan]train[/]   {info['steps']} steps, final loss {info['final_loss']} ({info['seconds']:.0f} s)")
         elif stage == "gate":
             mark = "[green]passed[/]" if info["passed"] else "[red]refused[/]"
+            drift = "no card measured for drift" if info["drift"] is None else f"drift {info['drift']:.3f}"
             say(f"  [cyan]gate[/]    {mark}: held-out {info['metric']} {info['before']:.3f} -> {info['after']:.3f}, "
-                f"drift {info['drift']:.3f}")
+                f"{drift}")
         elif stage == "save":
             say(f"  [cyan]save[/]    {info.get('key', 'not stored')}")
         elif stage == "done" and not info["passed"]:
@@ -324,7 +325,8 @@ def _table(con, report: dict, has_eval: bool) -> None:
                 t.add_row(f"gate: MRR@10 gain, {det['gate_confidence']:.0%} bootstrap lower bound by passage "
                           f"({det.get('heldout_passages', '?')} passages; must be > 0)",
                           "", _signed(det["mrr@10_gain_lower_bound"]))
-        t.add_row("gate: drift on general texts (max %.2f)" % gate["max_drift"], "", f"{gate['drift']:.3f}")
+        drift = f"{gate['drift']:.3f}" if gate.get("n_guard") else "not measured (no card trained)"
+        t.add_row("gate: drift on general texts (max %.2f)" % gate["max_drift"], "", drift)
     if has_eval and "recall@1" in a:
         t.add_row(f"human-written eval recall@1 ({b['n']} q)", f"{b['recall@1']:.3f}", f"{a['recall@1']:.3f}")
         t.add_row("human-written eval MRR@10", f"{b['mrr@10']:.3f}", f"{a['mrr@10']:.3f}")

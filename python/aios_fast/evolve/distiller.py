@@ -494,7 +494,7 @@ class CloudDistiller:
         """Record the gate's report and stage; no card when it refused."""
         report["gate"] = v.to_dict()
         self._stage(report, "gate", t0, passed=v.passed, metric=v.metric, before=round(v.before, 4),
-                    after=round(v.after, 4), drift=round(v.drift, 4), **info)
+                    after=round(v.after, 4), drift=round(v.drift, 4) if v.n_guard else None, **info)
         if not v.passed:
             raise _NoCard("the gate refused the skill: " + "; ".join(v.reasons))
 
@@ -506,14 +506,16 @@ class CloudDistiller:
         """The cross-fitted gate (``DistillConfig.gate_folds``): K cards, each trained without
         one fold of passages and measured on that fold's questions, give paired base/card
         figures for every teacher and ICT question; the bootstrap over passages decides on the
-        pooled figures. The card kept is then trained on all pairs and checked for drift on
-        the guard texts; its validation report carries the cross-fitted figures and its own
-        checksum. This measures the training recipe on this topic rather than one card on one
+        pooled figures. Only when they pass is the card kept trained on all pairs and checked
+        for drift on the guard texts; its validation report carries the cross-fitted figures
+        and its own checksum. This measures the training recipe on this topic rather than one card on one
         held-out quarter: the usual price of using all the data for the final model (Hastie,
         Tibshirani & Friedman 2009, §7.10)."""
+        from dataclasses import replace as dc_replace
+
         import numpy as np
 
-        from ..learn.gate import validate
+        from ..learn.gate import DEFAULTS, ValidationReport, validate
 
         cfg = self.config
         eligible = [i for i, p in enumerate(ps.pairs) if p.origin in ("teacher", "ict")]
@@ -551,19 +553,28 @@ class CloudDistiller:
         report["timings"]["folds"] = round(time.perf_counter() - t0, 3)
         report["split"] = {"folds": k, "train": len(ps.pairs), "heldout": len(held_all),
                            "heldout_by_origin": _count(p.origin for p in held_all)}
-        card = self._train(ps.pairs, name, report)
-
         tg = time.perf_counter()
         cat = np.concatenate
         pooled_b = _Ranks(cat(rr_b), cat(top_b), cat(nll_b))
         pooled_a = _Ranks(cat(rr_a), cat(top_a), cat(nll_a))
+        reasons, details = _retrieval_verdict(pooled_b, pooled_a, clusters, cfg, folds=k)
+        if reasons:
+            # The recipe failed on this topic, so the card trained on all pairs would be refused
+            # whatever its drift: the verdict comes without training it (a fold's worth of time,
+            # ~100 s on two cores). No card was measured: no checksum, no guard texts.
+            max_drift = DEFAULTS["encoder"]["max_drift"] if cfg.max_drift is None else float(cfg.max_drift)
+            self._verdict(ValidationReport(
+                kind="encoder", metric="mrr@10", before=float(pooled_b.rr.mean()), after=float(pooled_a.rr.mean()),
+                margin=0.0 if cfg.margin is None else float(cfg.margin), drift=0.0, max_drift=max_drift,
+                passed=False, reasons=reasons, details={"cross_fit_folds": k, **details},
+                n_heldout=len(held_all)), report, tg, folds=k)
+        card = self._train(ps.pairs, name, report)
+        tg = time.perf_counter()
         # validate() for the final card's drift and checksum only: its retrieval figures would be
         # measured on the card's own training pairs and are replaced by the cross-fitted ones, so
         # it gets the two pairs it needs, not all of them
         v = validate(card, self.engine, [(p.query, p.answer) for p in held_all[:2]], self.guard,
                      margin=cfg.margin, max_drift=cfg.max_drift, store=False)
-        from dataclasses import replace as dc_replace
-
         v = dc_replace(v, details={"cross_fit_folds": k}, n_heldout=len(held_all))
         v = _decide(pooled_b, pooled_a, clusters, v, cfg, folds=k)
         card.metadata["validation"] = v.to_json()
@@ -704,12 +715,11 @@ def _bootstrap_gate(card, engine, heldout, distractors, v, cfg: "DistillConfig")
     return out
 
 
-def _decide(before: _Ranks, after: _Ranks, clusters: Sequence[str], v, cfg: "DistillConfig", folds: int = 1):
-    """The decision of :func:`_bootstrap_gate` from the paired per-question figures (``folds``
-    > 1: pooled from that many cross-fitted cards, each measured on the questions it was not
-    trained on)."""
-    from dataclasses import replace as dc_replace
-
+def _retrieval_verdict(before: _Ranks, after: _Ranks, clusters: Sequence[str], cfg: "DistillConfig",
+                       folds: int = 1) -> tuple[list[str], dict[str, Any]]:
+    """The reasons the paired per-question figures refuse the skill (none: they pass) and the
+    figures behind them. ``folds`` > 1: pooled from that many cross-fitted cards, each measured
+    on the questions it was not trained on."""
     diffs = after.rr - before.rr
     drop = before.nll - after.nll
     n_pass = len(set(clusters))
@@ -720,33 +730,43 @@ def _decide(before: _Ranks, after: _Ranks, clusters: Sequence[str], v, cfg: "Dis
     else:   # one passage: its questions say nothing about how the gain varies between passages
         lb = loss_lb = float("-inf")
     gain = float(diffs.mean())
-    reasons = [r for r in v.reasons if r.startswith("drift")]
+    reasons = []
     if cfg.gate_statistic == "mrr" and not lb > 0.0:
-        reasons.insert(0, f"mrr@10 went from {before.rr.mean():.4f} to {after.rr.mean():.4f} on "
-                          f"{len(diffs)} {held} questions ({n_pass} passages): gain {gain:+.4f}, its "
-                          f"{cfg.gate_confidence:.0%} bootstrap lower bound {lb:+.4f} is not above 0")
+        reasons.append(f"mrr@10 went from {before.rr.mean():.4f} to {after.rr.mean():.4f} on "
+                       f"{len(diffs)} {held} questions ({n_pass} passages): gain {gain:+.4f}, its "
+                       f"{cfg.gate_confidence:.0%} bootstrap lower bound {lb:+.4f} is not above 0")
     if cfg.gate_statistic == "loss":
         if not loss_lb > 0.0:
-            reasons.insert(0, f"held-out loss went from {before.nll.mean():.4f} to {after.nll.mean():.4f} on "
-                              f"{len(diffs)} {held} questions ({n_pass} passages): its {cfg.gate_confidence:.0%} "
-                              f"bootstrap lower bound of the reduction {loss_lb:+.4f} is not above 0 "
-                              f"(mrr@10 {before.rr.mean():.4f} -> {after.rr.mean():.4f})")
+            reasons.append(f"held-out loss went from {before.nll.mean():.4f} to {after.nll.mean():.4f} on "
+                           f"{len(diffs)} {held} questions ({n_pass} passages): its {cfg.gate_confidence:.0%} "
+                           f"bootstrap lower bound of the reduction {loss_lb:+.4f} is not above 0 "
+                           f"(mrr@10 {before.rr.mean():.4f} -> {after.rr.mean():.4f})")
         elif not gain >= 0.0:
-            reasons.insert(0, f"mrr@10 went down from {before.rr.mean():.4f} to {after.rr.mean():.4f} on "
-                              f"{len(diffs)} {held} questions although the loss fell")
+            reasons.append(f"mrr@10 went down from {before.rr.mean():.4f} to {after.rr.mean():.4f} on "
+                           f"{len(diffs)} {held} questions although the loss fell")
     if cfg.margin is not None and not gain >= cfg.margin:
         reasons.append(f"mrr@10 gain {gain:+.4f} is below the margin {cfg.margin}")
-    details = dict(v.details)
     finite = n_pass >= 2   # no bound at all from one passage (and -inf is not JSON)
-    details.update({"mrr@10_gain_lower_bound": lb if finite else None, "gate_confidence": cfg.gate_confidence,
-                    "gate_statistic": cfg.gate_statistic, "heldout_passages": n_pass,
-                    "loss_before": float(before.nll.mean()), "loss_after": float(after.nll.mean()),
-                    "loss_reduction_lower_bound": loss_lb if finite else None,
-                    "improved": int((diffs > 0).sum()), "worsened": int((diffs < 0).sum()),
-                    "recall@1_before": float(before.top1.mean()), "recall@1_after": float(after.top1.mean())})
+    details = {"mrr@10_gain_lower_bound": lb if finite else None, "gate_confidence": cfg.gate_confidence,
+               "gate_statistic": cfg.gate_statistic, "heldout_passages": n_pass,
+               "loss_before": float(before.nll.mean()), "loss_after": float(after.nll.mean()),
+               "loss_reduction_lower_bound": loss_lb if finite else None,
+               "improved": int((diffs > 0).sum()), "worsened": int((diffs < 0).sum()),
+               "recall@1_before": float(before.top1.mean()), "recall@1_after": float(after.top1.mean())}
+    return reasons, details
+
+
+def _decide(before: _Ranks, after: _Ranks, clusters: Sequence[str], v, cfg: "DistillConfig", folds: int = 1):
+    """The decision of :func:`_bootstrap_gate`: the paired retrieval figures
+    (:func:`_retrieval_verdict`) and the drift that ``v`` (the card's :func:`validate` report)
+    measured."""
+    from dataclasses import replace as dc_replace
+
+    reasons, details = _retrieval_verdict(before, after, clusters, cfg, folds)
+    reasons += [r for r in v.reasons if r.startswith("drift")]
     return dc_replace(v, metric="mrr@10", before=float(before.rr.mean()), after=float(after.rr.mean()),
                       margin=0.0 if cfg.margin is None else float(cfg.margin), passed=not reasons,
-                      reasons=reasons, details=details)
+                      reasons=reasons, details={**v.details, **details})
 
 
 def _questions_by_passage(ps: PairSet, eligible: Sequence[int]) -> dict[str, list[int]]:

@@ -621,12 +621,16 @@ class SkillLibrary:
         return entry, int(d.get("size") or 0), int(d.get("mtime_ns") or 0)
 
     def _read_index(self) -> list[dict] | None:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         # One open handle: pyarrow reading by path stats the file and opens it separately, so a
-        # writer's os.replace between the two reads a size that belongs to the other file.
+        # writer's os.replace between the two reads a size that belongs to the other file. The
+        # handle is Arrow's own, never a Python file: Arrow's I/O threads drop the buffers a Python
+        # file returns, and one dropped while the interpreter exits aborts the process (SIGABRT,
+        # "terminate called without an active exception"; apache/arrow#34314).
         try:
-            fh = open(self.index_path, "rb")
+            fh = pa.OSFile(str(self.index_path), "rb")
         except FileNotFoundError:
             return None
         try:
