@@ -61,6 +61,25 @@ def test_add_card_and_reopen(tmp_path):
     assert again.find_by_hash("0" * 64) is None
 
 
+def test_index_is_read_through_an_arrow_file_not_a_python_file(tmp_path, monkeypatch):
+    """Arrow's I/O threads release the buffers a Python file object returned; one released while
+    the interpreter exits takes the GIL after finalisation and aborts the process (SIGABRT,
+    "terminate called without an active exception"; apache/arrow#34314, seen in CI as a writer
+    of the two-process test dying with -6). The index reader must hand Arrow its own file."""
+    lib = SkillLibrary(tmp_path / "lib")
+    lib.add(card(), ["How do I boil an egg?"], "cooking questions")
+    seen = []
+    real = pq.read_table
+
+    def spy(source, *a, **kw):
+        seen.append(source)
+        return real(source, *a, **kw)
+
+    monkeypatch.setattr(pq, "read_table", spy)
+    assert [e.key for e in SkillLibrary(tmp_path / "lib").list()] == ["cooking@v1"]
+    assert seen and all(isinstance(s, pa.NativeFile) and not isinstance(s, pa.PythonFile) for s in seen)
+
+
 def test_path_is_copied_verbatim_and_peer_needs_validation(tmp_path):
     src = tmp_path / "peer.lora.arrow"
     LoRAFormat.save(card("tax", seed=1, metadata={"description": "tax help"}), src)
