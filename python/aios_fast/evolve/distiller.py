@@ -508,9 +508,9 @@ class CloudDistiller:
         figures for every teacher and ICT question; the bootstrap over passages decides on the
         pooled figures. Only when they pass is the card kept trained on all pairs and checked
         for drift on the guard texts; its validation report carries the cross-fitted figures
-        and its own checksum. This measures the training recipe on this topic rather than one card on one
-        held-out quarter: the usual price of using all the data for the final model (Hastie,
-        Tibshirani & Friedman 2009, §7.10)."""
+        and its own checksum. This measures the training recipe on this topic rather than one
+        card on one held-out quarter: the usual price of using all the data for the final model
+        (Hastie, Tibshirani & Friedman 2009, §7.10)."""
         from dataclasses import replace as dc_replace
 
         import numpy as np
