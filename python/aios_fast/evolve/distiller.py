@@ -563,11 +563,10 @@ class CloudDistiller:
             # whatever its drift: the verdict comes without training it (a fold's worth of time,
             # ~100 s on two cores). No card was measured: no checksum, no guard texts.
             max_drift = DEFAULTS["encoder"]["max_drift"] if cfg.max_drift is None else float(cfg.max_drift)
-            self._verdict(ValidationReport(
-                kind="encoder", metric="mrr@10", before=float(pooled_b.rr.mean()), after=float(pooled_a.rr.mean()),
-                margin=0.0 if cfg.margin is None else float(cfg.margin), drift=0.0, max_drift=max_drift,
-                passed=False, reasons=reasons, details={"cross_fit_folds": k, **details},
-                n_heldout=len(held_all)), report, tg, folds=k)
+            unmeasured = ValidationReport(kind="encoder", metric="mrr@10", before=0.0, after=0.0, margin=0.0,
+                                          drift=0.0, max_drift=max_drift, passed=False,
+                                          details={"cross_fit_folds": k}, n_heldout=len(held_all))
+            self._verdict(_with_verdict(unmeasured, pooled_b, pooled_a, reasons, details, cfg), report, tg, folds=k)
         card = self._train(ps.pairs, name, report)
         tg = time.perf_counter()
         # validate() for the final card's drift and checksum only: its retrieval figures would be
@@ -576,7 +575,7 @@ class CloudDistiller:
         v = validate(card, self.engine, [(p.query, p.answer) for p in held_all[:2]], self.guard,
                      margin=cfg.margin, max_drift=cfg.max_drift, store=False)
         v = dc_replace(v, details={"cross_fit_folds": k}, n_heldout=len(held_all))
-        v = _decide(pooled_b, pooled_a, clusters, v, cfg, folds=k)
+        v = _with_verdict(v, pooled_b, pooled_a, reasons, details, cfg)
         card.metadata["validation"] = v.to_json()
         self._verdict(v, report, tg, folds=k)
         return card
@@ -760,10 +759,16 @@ def _decide(before: _Ranks, after: _Ranks, clusters: Sequence[str], v, cfg: "Dis
     """The decision of :func:`_bootstrap_gate`: the paired retrieval figures
     (:func:`_retrieval_verdict`) and the drift that ``v`` (the card's :func:`validate` report)
     measured."""
+    return _with_verdict(v, before, after, *_retrieval_verdict(before, after, clusters, cfg, folds), cfg)
+
+
+def _with_verdict(v, before: _Ranks, after: _Ranks, reasons: list[str], details: dict[str, Any],
+                  cfg: "DistillConfig"):
+    """``v`` carrying the paired figures and the retrieval verdict (:func:`_retrieval_verdict`'s
+    ``reasons`` and ``details``), plus any drift reason ``v`` already had."""
     from dataclasses import replace as dc_replace
 
-    reasons, details = _retrieval_verdict(before, after, clusters, cfg, folds)
-    reasons += [r for r in v.reasons if r.startswith("drift")]
+    reasons = reasons + [r for r in v.reasons if r.startswith("drift")]
     return dc_replace(v, metric="mrr@10", before=float(before.rr.mean()), after=float(after.rr.mean()),
                       margin=0.0 if cfg.margin is None else float(cfg.margin), passed=not reasons,
                       reasons=reasons, details={**v.details, **details})
