@@ -1,6 +1,7 @@
-"""Tier 2 distillation: the bundled SmolLM2 as a teacher in process (``LocalTeacher``, the
-transformers engine) against the same GGUF served by llama-cpp-python (``LlamaServer`` +
-``OpenAICompatibleProvider``), in one run, on the bundled Kestrel demo domain.
+"""Tier 2 distillation: the bundled SmolLM2 as a teacher in process (``LocalTeacher`` on the
+transformers engine, and on llama.cpp in process, its default where llama-cpp-python is installed)
+against the same GGUF served by llama-cpp-python (``LlamaServer`` + ``OpenAICompatibleProvider``,
+the issue's peer), in one run, on the bundled Kestrel demo domain.
 
 Each side distils the same topic (the demo's queries) from the same passages with the same
 settings and seed. Reported per side: teacher questions per minute, the share of generated
@@ -72,11 +73,27 @@ def _distil(demo, teacher, tmp_path):
 def test_distill_local_teacher(benchmark, demo, tmp_path):
     from aios_fast.evolve.teachers import LocalTeacher
 
-    teacher = LocalTeacher()
+    teacher = LocalTeacher(backend="transformers")
     teacher.model  # load outside the timer
     r = benchmark.pedantic(_distil, args=(demo, teacher, tmp_path), rounds=1, iterations=1)
     RESULTS["local"] = r
     benchmark.extra_info.update(r)
+    assert r["asked"] > 0
+
+
+@pytest.mark.benchmark(group="distill")
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+def test_distill_local_teacher_llama_cpp(benchmark, demo, tmp_path):
+    from aios_fast.evolve.teachers import LocalTeacher
+
+    teacher = LocalTeacher(backend="llama_cpp", n_threads=1)   # one thread, as the other sides
+    teacher.model
+    r = benchmark.pedantic(_distil, args=(demo, teacher, tmp_path), rounds=1, iterations=1)
+    RESULTS["local_llama_cpp"] = r
+    benchmark.extra_info.update(r)
+    if "local" in RESULTS and RESULTS["local"]["teacher_seconds"]:
+        benchmark.extra_info["questions_per_min_ratio_vs_local"] = round(
+            r["questions_per_min"] / max(1e-9, RESULTS["local"]["questions_per_min"]), 2)
     assert r["asked"] > 0
 
 
@@ -91,8 +108,9 @@ def test_distill_llama_cpp_server(benchmark, demo, tmp_path):
         r = benchmark.pedantic(_distil, args=(demo, teacher, tmp_path), rounds=1, iterations=1)
     RESULTS["llama_cpp"] = r
     benchmark.extra_info.update(r)
-    if "local" in RESULTS and RESULTS["local"]["teacher_seconds"]:
-        benchmark.extra_info["questions_per_min_ratio_vs_local"] = round(
-            r["questions_per_min"] / max(1e-9, RESULTS["local"]["questions_per_min"]), 2)
+    for key in ("local", "local_llama_cpp"):
+        if key in RESULTS and RESULTS[key]["teacher_seconds"]:
+            benchmark.extra_info[f"questions_per_min_ratio_vs_{key}"] = round(
+                r["questions_per_min"] / max(1e-9, RESULTS[key]["questions_per_min"]), 2)
     print("\n" + json.dumps(RESULTS, indent=1))
     assert r["asked"] > 0

@@ -197,6 +197,32 @@ def test_failing_learner_backs_off_and_the_worker_survives(encoder, template, tm
         node.close()
 
 
+def test_worker_learns_with_its_own_thread_count(encoder, template, tmp_path):
+    import torch
+
+    seen = []
+
+    class ThreadsLearner(CardLearner):
+        def learn(self, request):
+            seen.append(torch.get_num_threads())
+            return super().learn(request)
+
+    from aios_fast import InputError
+
+    with pytest.raises(InputError, match="learner_threads must be None or an int >= 1, got 0"):
+        SkillNode(encoder=encoder, library_dir=tmp_path / "bad", learner_threads=0, start_worker=False)
+    mine = torch.get_num_threads()
+    want = 3 if mine != 3 else 2
+    node = make_node(encoder, tmp_path, template, learner=ThreadsLearner(encoder), learner_threads=want)
+    try:
+        assert node.submit(LearningRequest("t-threads", ("q",)))
+        assert node.wait_idle(60) and node.status()["finished"][-1]["ok"]
+        assert seen == [want]                       # the worker's team, not the caller's
+        assert torch.get_num_threads() == mine      # the caller's thread is left as it was
+    finally:
+        node.close()
+
+
 def test_corrupt_card_in_the_library_is_skipped_with_a_report(encoder, template, tmp_path):
     node = make_node(encoder, tmp_path, template)
     path = node.library.get("cooking").path

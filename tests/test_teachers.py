@@ -223,14 +223,24 @@ def test_llama_cpp_server_real_completion_and_pairs(llama_server):
     assert all(q.strip() and a.strip() for q, a in pairs)
 
 
-@pytest.fixture(scope="module")
-def local_teacher():
-    return LocalTeacher()
+def _needs_llama_cpp():
+    from aios_fast.evolve.local_llama import llama_cpp_available
+
+    if llama_cpp_available():
+        pytest.skip(llama_cpp_available())
+
+
+@pytest.fixture(scope="module", params=["llama_cpp", "transformers"])
+def local_teacher(request):
+    if request.param == "llama_cpp":
+        _needs_llama_cpp()
+    return LocalTeacher(backend=request.param)
 
 
 @pytest.mark.slow
 def test_local_teacher_generates(local_teacher, one_thread):
     assert isinstance(local_teacher, Teacher) and local_teacher.name().startswith("local:SmolLM2")
+    assert local_teacher.backend in repr(local_teacher)
     budget = TeacherBudget(max_requests=2)
     local_teacher.budget = budget
     try:
@@ -244,8 +254,64 @@ def test_local_teacher_generates(local_teacher, one_thread):
             local_teacher.query("again")
         local_teacher.budget = None
         assert local_teacher.query("Say hello.", system="You are terse.", max_tokens=6).strip()
+        # sampling: the teacher's seed makes a run reproducible, call by call
+        again = LocalTeacher(backend=local_teacher.backend, seed=local_teacher.seed)
+        again._model = local_teacher.model   # the same engine, a fresh call counter
+        first = [again.complete(msgs, max_tokens=12, temperature=1.5).text for _ in range(3)]
+        again._calls = 0
+        assert [again.complete(msgs, max_tokens=12, temperature=1.5).text for _ in range(3)] == first
+        assert len(set(first)) > 1   # each call draws from its own seed
     finally:
         local_teacher.budget = None
+
+
+def test_local_teacher_backend_is_checked_and_chosen():
+    with pytest.raises(InputError, match="backend: expected one of auto, llama_cpp, transformers"):
+        LocalTeacher(backend="vllm")
+
+    class _LM:   # anything with generate() is taken as a loaded CausalLM
+        def generate(self, *a, **k):
+            return ""
+
+    assert LocalTeacher(_LM()).backend == "transformers"
+    with pytest.raises(InputError, match="needs a GGUF path"):
+        LocalTeacher(_LM(), backend="llama_cpp")
+    from aios_fast.evolve.local_llama import llama_cpp_available
+
+    assert LocalTeacher().backend == ("transformers" if llama_cpp_available() else "llama_cpp")
+
+
+def test_llama_cpp_backend_refuses_a_broken_gguf(tmp_path):
+    _needs_llama_cpp()
+    from aios_fast.evolve.local_llama import LlamaCppEngine
+
+    with pytest.raises(InputError, match="does not exist"):
+        LlamaCppEngine(tmp_path / "none.gguf")
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(InputError, match=r"broken\.gguf: llama\.cpp could not load it"):
+        LlamaCppEngine(bad)
+    with pytest.raises(InputError, match="n_threads must be an int >= 1"):
+        LlamaCppEngine(bad, n_threads=0)
+
+
+@pytest.mark.slow
+def test_llama_cpp_teacher_constrains_json_to_the_schema(one_thread):
+    _needs_llama_cpp()
+    t = LocalTeacher(backend="llama_cpp")
+    msgs = [{"role": "system", "content": "You write question-answer pairs as JSON."},
+            {"role": "user", "content": f"Passage: {PASSAGE}\nWrite 2 questions a traveller could ask, each with "
+                                        f"its answer from the passage."}]
+    plain = t.complete(msgs, max_tokens=120, temperature=0.0)
+    assert plain.structured is None
+    reply = t.complete(msgs, max_tokens=160, temperature=0.0, json_schema=QA_SCHEMA)
+    assert reply.structured == "json_schema" and reply.finish_reason in ("stop", "length")
+    if reply.finish_reason == "stop":   # a finished constrained reply is the schema's JSON, nothing else
+        obj = json.loads(reply.text)
+        assert isinstance(obj, dict) and isinstance(obj["pairs"], list)
+    pairs, reasons = parse_qa_pairs(reply.text)
+    assert pairs, (reply.text, reasons)
+    assert all(q.strip() and a.strip() for q, a in pairs)
 
 
 # ------------------------------------------------------------------------- LlamaServer

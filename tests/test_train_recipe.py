@@ -119,6 +119,41 @@ def test_grouped_training_encodes_each_answer_once_per_batch(encoder):
     assert rep.steps == 3 and card.modules          # 4 groups, 4 per batch: one step per epoch
 
 
+def test_training_forward_buckets_by_length_without_changing_embeddings(encoder):
+    from aios_fast.learn._engine import TRAIN_BUCKET, as_engine
+
+    view = as_engine(encoder)
+    # lengths deliberately out of order, more texts than one bucket
+    texts = [("word " * n).strip() + "?" for n in (3, 120, 9, 60, 1, 200, 30, 5, 90, 14, 2)]
+    assert len(texts) > 2 * TRAIN_BUCKET
+    widths = []
+    real = view.embed
+    view.embed = lambda batch: (widths.append(batch["input_ids"].shape[1]), real(batch))[1]
+    encoder.model.eval()
+    try:
+        got = view.embed_texts(texts)
+        view.embed = real
+        want = real(view.tokenize(texts))   # one batch padded to the longest
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)   # same rows, same order
+        assert len(widths) == -(-len(texts) // TRAIN_BUCKET) and widths == sorted(widths)
+        assert widths[0] < widths[-1] == view.tokenize(texts)["input_ids"].shape[1]
+        # gradients reach every text through the buckets
+        encoder.model.train()
+        x = encoder.model.embeddings.word_embeddings.weight
+        was = x.requires_grad
+        x.requires_grad_(True)
+        x.grad = None
+        view.embed_texts(texts).sum().backward()
+        ids = view.tokenize(texts)["input_ids"]
+        assert all(float(x.grad[int(row[1])].abs().sum()) > 0 for row in ids)
+    finally:
+        view.embed = real
+        w = encoder.model.embeddings.word_embeddings.weight
+        w.requires_grad_(was if "was" in locals() else w.requires_grad)
+        w.grad = None
+        encoder.model.eval()
+
+
 def test_hard_negatives_exclude_the_true_answer_group():
     q = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.05], [0.0, 1.0], [0.7, 0.7]]), dim=1)
     a = q.clone()

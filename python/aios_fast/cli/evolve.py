@@ -80,6 +80,21 @@ def _teacher(args):
 
 
 def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    # This thread only encodes a few dozen texts; the node's worker trains. Kept at one thread,
+    # this thread never starts an OpenMP team of its own, so the worker's team is the only one
+    # and libgomp keeps spin-waiting between its parallel regions: with a second team on
+    # 2 cores it sleeps and wakes on every region and training ran 1.5-2x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _evolve(args, threads)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evolve(args: argparse.Namespace, threads: int) -> int:
     import shutil
 
     from ..evolve.demo import demo_paths
@@ -123,7 +138,8 @@ def _run(args: argparse.Namespace) -> int:
         encoder = SentenceEncoder()
         node = SkillNode(encoder, lib_dir, trigger_options={"min_support": args.min_support,
                                                             "topic_similarity": 0.2, "backoff": 60.0,
-                                                            "seed": args.seed})
+                                                            "seed": args.seed},
+                         learner_threads=threads)
     report["teacher"] = None if not teacher else teacher.name()
     events: list[dict] = []
 

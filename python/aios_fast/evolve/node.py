@@ -60,12 +60,17 @@ class SkillNode:
         queue_size: pending learning requests kept at most (further ones are refused and the
             topic backs off).
         start_worker: start the background worker thread now.
+        learner_threads: torch (OpenMP) threads the worker trains with (``None``: what the
+            thread inherits). A caller that keeps its own threads at one while the worker
+            learns (as ``aios-fast evolve`` does) gives the worker the whole machine: libgomp
+            stops spin-waiting once more of its threads exist than cores, so a second thread
+            with its own OpenMP team made training 1.5-2x slower on 2 cores (BENCHMARKS.md).
     """
 
     def __init__(self, encoder: Any = None, library_dir: str | Path | None = None,
                  learner: Any = None, *, threshold: float = 0.5, trigger: CognitiveTrigger | None = None,
                  trigger_options: dict[str, Any] | None = None, queue_size: int = 16,
-                 start_worker: bool = True) -> None:
+                 start_worker: bool = True, learner_threads: int | None = None) -> None:
         from ..lora import LoRAManager
         from ..route.library import SkillLibrary
         from ..route.router import LoRARouter
@@ -76,6 +81,10 @@ class SkillNode:
             encoder = SentenceEncoder()
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
             raise InputError(f"queue_size must be an int >= 1, got {queue_size!r}")
+        if learner_threads is not None and (isinstance(learner_threads, bool) or not isinstance(learner_threads, int)
+                                            or learner_threads < 1):
+            raise InputError(f"learner_threads must be None or an int >= 1, got {learner_threads!r}")
+        self.learner_threads = learner_threads
         self.encoder = encoder
         self.library = SkillLibrary(library_dir if library_dir is not None else _default_library_dir(),
                                     encoder=encoder)
@@ -352,6 +361,8 @@ class SkillNode:
         self._worker.start()
 
     def _work(self) -> None:
+        if self.learner_threads is not None:
+            torch.set_num_threads(self.learner_threads)   # this thread's OpenMP team only
         while True:
             with self._cv:
                 while not self._closed and (not self._queue or self._learner is None):

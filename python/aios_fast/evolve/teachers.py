@@ -511,19 +511,39 @@ class LocalTeacher:
             path to a ``.gguf`` file.
         budget: a :class:`TeacherBudget` charged per generation (``None`` = unlimited).
         seed: makes sampling (``temperature > 0``) reproducible; each call uses ``seed + n``.
+        backend: ``"llama_cpp"`` runs the GGUF with llama.cpp in process
+            (:class:`~aios_fast.evolve.local_llama.LlamaCppEngine`, several times faster per
+            question on a CPU); ``"transformers"`` dequantises it into a ``CausalLM``; ``"auto"``
+            (default) takes llama.cpp when ``llama-cpp-python`` is installed and ``model`` is a GGUF
+            (or ``None``), else transformers. A ``CausalLM`` passed as ``model`` is transformers.
+        n_threads: llama.cpp's CPU threads (``None``: torch's thread count).
 
-    ``json_schema`` is accepted for interface parity but not enforced (decoding is not
-    constrained): the reply goes through the same robust parsing as any other.
-    Calls are serialised by a lock (one model, one generation at a time).
+    ``json_schema`` constrains decoding on the llama.cpp backend (its grammar for the schema) and is
+    accepted but not enforced on transformers; either way the reply goes through the same robust
+    parsing as any other. Calls are serialised by a lock (one model, one generation at a time).
     """
 
+    BACKENDS = ("auto", "llama_cpp", "transformers")
+
     def __init__(self, model: "CausalLM | str | Path | None" = None, *, budget: TeacherBudget | None = None,
-                 seed: int | None = 0) -> None:
+                 seed: int | None = 0, backend: str = "auto", n_threads: int | None = None) -> None:
         if budget is not None and not isinstance(budget, TeacherBudget):
             raise InputError(f"budget must be a TeacherBudget or None, got {type(budget).__name__}")
         if model is not None and not isinstance(model, (str, Path)) and not hasattr(model, "generate"):
             raise InputError(f"model must be None, a CausalLM or a .gguf path, got {type(model).__name__}")
-        self._model = model if model is not None and not isinstance(model, (str, Path)) else None
+        if backend not in self.BACKENDS:
+            raise InputError(f"backend: expected one of {', '.join(self.BACKENDS)}, got {backend!r}")
+        given_lm = model is not None and not isinstance(model, (str, Path))
+        if given_lm and backend == "llama_cpp":
+            raise InputError("backend='llama_cpp' needs a GGUF path (or None for the bundled one), "
+                             "not a loaded CausalLM")
+        if backend == "auto":
+            from .local_llama import llama_cpp_available
+
+            backend = "transformers" if given_lm or llama_cpp_available() else "llama_cpp"
+        self.backend = backend
+        self.n_threads = n_threads
+        self._model = model if given_lm else None
         self._path = Path(model) if isinstance(model, (str, Path)) else None
         self.budget = budget
         self.seed = seed
@@ -532,21 +552,28 @@ class LocalTeacher:
         self.stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
     @property
-    def model(self) -> "CausalLM":
-        """The causal LM (loaded on first access)."""
+    def model(self) -> Any:
+        """The loaded engine (on first access): a ``CausalLM`` (transformers) or a
+        :class:`~aios_fast.evolve.local_llama.LlamaCppEngine`."""
         with self._lock:
             return self._load()
 
-    def _load(self) -> "CausalLM":
+    def _load(self) -> Any:
         if self._model is None:
-            from ..engines.causal import CausalLM
+            if self.backend == "llama_cpp":
+                from ..bundled import smollm2_gguf
+                from .local_llama import LlamaCppEngine
 
-            self._model = CausalLM(self._path)
+                self._model = LlamaCppEngine(self._path or smollm2_gguf(), n_threads=self.n_threads)
+            else:
+                from ..engines.causal import CausalLM
+
+                self._model = CausalLM(self._path)
         return self._model
 
     def __repr__(self) -> str:
         what = self._path or (getattr(self._model, "gguf_path", None) if self._model is not None else "bundled SmolLM2")
-        return f"LocalTeacher(model={str(what)!r})"
+        return f"LocalTeacher(model={str(what)!r}, backend={self.backend!r})"
 
     def name(self) -> str:
         """``"local:<gguf file stem>"``, e.g. ``local:SmolLM2-135M-Instruct.Q4_1``."""
@@ -582,27 +609,38 @@ class LocalTeacher:
             seed = None if self.seed is None else self.seed + self._calls
             self._calls += 1
             try:
-                prompt = model.chat_prompt(messages)
-                text = model.generate(prompt, max_new_tokens=max_tokens, temperature=float(temperature),
-                                      raw=True, seed=seed)
+                if self.backend == "llama_cpp":
+                    out = model.complete(messages, max_tokens=max_tokens, temperature=float(temperature),
+                                         seed=seed, json_schema=json_schema)
+                else:
+                    out = self._transformers(model, messages, max_tokens, float(temperature), seed)
             except AiosError:
                 raise
-            except Exception as exc:  # a runtime failure inside transformers/torch
+            except Exception as exc:  # a runtime failure inside the engine
                 raise TeacherError(f"{self.name()} failed to generate: {type(exc).__name__}: {_short(exc)}") from exc
             finally:
                 if self.budget is not None:
                     self.budget.charge(seconds=time.monotonic() - t0)
             seconds = time.monotonic() - t0
-            tok = model.tokenizer
-            pt = len(tok(prompt, add_special_tokens=False)["input_ids"])
-            ct = len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
+            pt, ct = out["prompt_tokens"], out["completion_tokens"]
             self.stats["requests"] += 1
             self.stats["prompt_tokens"] += pt
             self.stats["completion_tokens"] += ct
             if self.budget is not None:
                 self.budget.charge(tokens=pt + ct)
-        return TeacherReply(text=text, prompt_tokens=pt, completion_tokens=ct, seconds=seconds,
-                            attempts=1, structured=None, finish_reason=None)
+        return TeacherReply(text=out["text"], prompt_tokens=pt, completion_tokens=ct, seconds=seconds,
+                            attempts=1, structured=out["structured"], finish_reason=out["finish_reason"])
+
+    @staticmethod
+    def _transformers(model: "CausalLM", messages: list[dict], max_tokens: int, temperature: float,
+                      seed: int | None) -> dict[str, Any]:
+        prompt = model.chat_prompt(messages)
+        text = model.generate(prompt, max_new_tokens=max_tokens, temperature=temperature, raw=True, seed=seed)
+        tok = model.tokenizer
+        pt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+        ct = len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
+        return {"text": text, "prompt_tokens": pt, "completion_tokens": ct, "finish_reason": None,
+                "structured": None}
 
 
 def default_teacher(budget: TeacherBudget | None = None) -> LocalTeacher:

@@ -11,7 +11,11 @@ from torch import nn
 
 from ..errors import InputError
 
-__all__ = ["EngineView", "as_engine", "as_pairs"]
+__all__ = ["EngineView", "as_engine", "as_pairs", "TRAIN_BUCKET"]
+
+#: texts per length bucket of a training forward on a CPU (4 and 8 measured within 7 % of each
+#: other on the demo, both ~1.5x faster than one padded batch of 16)
+TRAIN_BUCKET = 4
 
 
 class EngineView:
@@ -59,7 +63,24 @@ class EngineView:
         return (out * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.embed(self.tokenize(texts))
+        """Pooled embeddings with gradients, in the order given. On a CPU the texts are embedded
+        in length-sorted buckets of :data:`TRAIN_BUCKET`, each padded only to its own longest: a
+        contrastive batch pairs short questions with passages of very different lengths, and
+        padding every passage to the longest of the batch cost a third of a training step (3.3 s
+        -> 2.2 s per step on the demo's passages, 2 cores). Each text's embedding does not depend
+        on its batch (the attention mask hides padding), so the loss is the same function."""
+        batch = self.tokenize(texts)
+        mask = batch["attention_mask"]
+        right_padded = getattr(self.tokenizer, "padding_side", "right") == "right"
+        if self.device.type != "cpu" or not right_padded or mask.shape[0] <= TRAIN_BUCKET:
+            return self.embed(batch)   # a GPU pads for free; launches are what cost there
+        lens = mask.sum(1)
+        order = torch.argsort(lens, stable=True)
+        parts = []
+        for rows in order.split(TRAIN_BUCKET):
+            width = int(lens[rows].max())
+            parts.append(self.embed({k: v[rows, :width] for k, v in batch.items()}))
+        return torch.cat(parts)[torch.argsort(order)]
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
