@@ -42,8 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gate-folds", type=int, default=1, metavar="K",
                    help="K >= 2: the gate measures K cross-fitted cards on every question (the library's "
-                        "default, DistillConfig.gate_folds=4), K more trainings: ~11 min on 2 cores instead "
-                        "of ~5; 1 (default here, to stay under 10 minutes): one held-out split")
+                        "default, DistillConfig.gate_folds=4), K more trainings: ~7-9 min on 2 cores instead "
+                        "of ~2.5; 1 (default here, well under 10 minutes): one held-out split")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the learning job")
     add_json_flag(p)
     p.set_defaults(func=_run)
