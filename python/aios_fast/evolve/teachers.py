@@ -4,7 +4,8 @@ Two providers share one interface (:class:`Teacher`):
 
 * :class:`OpenAICompatibleProvider` speaks the OpenAI chat-completions API through the ``openai``
   client, against any ``base_url`` (OpenAI, vLLM, Ollama, llama.cpp, llama-cpp-python's server).
-* :class:`LocalTeacher` runs the bundled SmolLM2-135M-Instruct in process, offline: the default.
+* :class:`LocalTeacher` runs the bundled SmolLM2-135M-Instruct in process, offline: the default
+  (on llama.cpp when llama-cpp-python is installed, else on transformers).
 
 Both also keep ArrowEngine's provider interface, ``query(prompt, system="") -> str`` and
 ``name()``. A teacher's reply is untrusted text: turn it into pairs with
