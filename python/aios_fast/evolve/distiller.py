@@ -636,17 +636,17 @@ def _paired_ranks(card, engine: Any, heldout: Sequence[Pair], distractors: Seque
     import torch
 
     from ..learn._engine import as_engine
+    from ..learn.gate import answer_candidates
     from ..lora import LoRAManager
     from ..lora.layer import base_only
 
     view = as_engine(engine)
     qs = [p.query for p in heldout]
-    answers = [p.answer for p in heldout]
-    cands = answers + [t for t in distractors if t not in set(answers)]
+    cands, col = answer_candidates([p.answer for p in heldout], distractors)
 
     def ranks() -> _Ranks:
         sims = (view.encode(qs) @ view.encode(cands).T).double()
-        own = sims.diagonal()
+        own = sims.gather(1, col.unsqueeze(1)).squeeze(1)
         rank = (sims > own.unsqueeze(1)).sum(1).numpy()
         nll = (torch.logsumexp(sims * GATE_SCALE, dim=1) - own * GATE_SCALE).numpy()
         return _Ranks(np.where(rank < k, 1.0 / (rank + 1.0), 0.0), rank == 0, nll)

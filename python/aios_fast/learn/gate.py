@@ -91,14 +91,32 @@ class ValidationReport:
             raise InputError(f"validation report is incomplete: {exc}") from None
 
 
+def answer_candidates(answers: Sequence[str], distractors: Sequence[str] = ()) -> tuple[list[str], torch.Tensor]:
+    """The candidate texts a retrieval measure ranks (each distinct answer once, then the
+    distractors that are not answers) and, per question, the column of its own answer.
+
+    Questions that share an answer (a passage's several questions) must share one column: with
+    the text repeated, its copies tie with the right answer up to float noise, and whether the
+    noise puts a copy above it decided ranks at random."""
+    col: dict[str, int] = {}
+    for a in answers:
+        col.setdefault(a, len(col))
+    cands = list(col)
+    for t in distractors:
+        if t not in col:
+            col[t] = len(cands)
+            cands.append(t)
+    return cands, torch.tensor([col[a] for a in answers], dtype=torch.long)
+
+
 def retrieval_metrics(view: EngineView, pairs: Sequence[tuple[str, str]], k: int = 10,
                       distractors: Sequence[str] = ()) -> dict[str, float]:
     """recall@1 and MRR@k of each question against all answers of ``pairs`` plus
     ``distractors`` (extra candidate answers, e.g. the training answers)."""
+    cands, own = answer_candidates([p[1] for p in pairs], distractors)
     q = view.encode([p[0] for p in pairs])
-    a = view.encode([p[1] for p in pairs] + [t for t in distractors if t not in {p[1] for p in pairs}])
-    sims = q @ a.T
-    correct = sims.diagonal().unsqueeze(1)
+    sims = q @ view.encode(cands).T
+    correct = sims.gather(1, own.unsqueeze(1))
     rank = (sims > correct).sum(1)  # 0 = the right answer is the top hit
     rr = torch.where(rank < k, 1.0 / (rank + 1).double(), torch.zeros((), dtype=torch.double))
     return {"recall@1": float((rank == 0).double().mean()), f"mrr@{k}": float(rr.mean())}
