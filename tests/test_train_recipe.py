@@ -119,9 +119,12 @@ def test_grouped_training_encodes_each_answer_once_per_batch(encoder):
     assert rep.steps == 3 and card.modules          # 4 groups, 4 per batch: one step per epoch
 
 
-def test_training_forward_buckets_by_length_without_changing_embeddings(encoder):
-    from aios_fast.learn._engine import TRAIN_BUCKET, as_engine
+def test_training_forward_buckets_by_length_without_changing_embeddings(encoder, monkeypatch):
+    from aios_fast.learn import _engine
+    from aios_fast.learn._engine import as_engine
 
+    monkeypatch.setattr(_engine, "TRAIN_BUCKET", 4)
+    TRAIN_BUCKET = 4
     view = as_engine(encoder)
     # lengths deliberately out of order, more texts than one bucket
     texts = [("word " * n).strip() + "?" for n in (3, 120, 9, 60, 1, 200, 30, 5, 90, 14, 2)]
