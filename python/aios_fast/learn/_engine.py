@@ -65,7 +65,8 @@ class EngineView:
         return (out * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """Pooled embeddings with gradients, in the order given. On a CPU the texts are embedded
+        """Pooled embeddings with gradients, in the order given. With :data:`TRAIN_BUCKET` set, on a
+        CPU the texts are embedded
         in length-sorted buckets of :data:`TRAIN_BUCKET`, each padded only to its own longest: a
         contrastive batch pairs short questions with passages of very different lengths, and
         padding every passage to the longest of the batch cost a third of a training step (3.3 s
