@@ -119,16 +119,14 @@ def test_grouped_training_encodes_each_answer_once_per_batch(encoder):
     assert rep.steps == 3 and card.modules          # 4 groups, 4 per batch: one step per epoch
 
 
-def test_training_forward_buckets_by_length_without_changing_embeddings(encoder, monkeypatch):
-    from aios_fast.learn import _engine
+def test_training_forward_buckets_by_length_without_changing_embeddings(encoder):
     from aios_fast.learn._engine import as_engine
 
-    monkeypatch.setattr(_engine, "TRAIN_BUCKET", 4)
-    TRAIN_BUCKET = 4
     view = as_engine(encoder)
+    bucket = view.length_buckets = 4
     # lengths deliberately out of order, more texts than one bucket
     texts = [("word " * n).strip() + "?" for n in (3, 120, 9, 60, 1, 200, 30, 5, 90, 14, 2)]
-    assert len(texts) > 2 * TRAIN_BUCKET
+    assert len(texts) > 2 * bucket
     widths = []
     real = view.embed
     view.embed = lambda batch: (widths.append(batch["input_ids"].shape[1]), real(batch))[1]
@@ -138,7 +136,7 @@ def test_training_forward_buckets_by_length_without_changing_embeddings(encoder,
         view.embed = real
         want = real(view.tokenize(texts))   # one batch padded to the longest
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)   # same rows, same order
-        assert len(widths) == -(-len(texts) // TRAIN_BUCKET) and widths == sorted(widths)
+        assert len(widths) == -(-len(texts) // bucket) and widths == sorted(widths)
         assert widths[0] < widths[-1] == view.tokenize(texts)["input_ids"].shape[1]
         # gradients reach every text through the buckets
         encoder.model.train()
@@ -155,6 +153,30 @@ def test_training_forward_buckets_by_length_without_changing_embeddings(encoder,
         w.requires_grad_(was if "was" in locals() else w.requires_grad)
         w.grad = None
         encoder.model.eval()
+
+
+def test_length_buckets_are_a_training_option_set_for_the_run_only(encoder):
+    from aios_fast.evolve.distiller import DistillConfig
+    from aios_fast.learn.trainer import LoRATrainer, TrainConfig
+
+    for bad in (0, -1, 2.5, True, "4"):
+        with pytest.raises(InputError, match="length_buckets"):
+            TrainConfig(length_buckets=bad)
+        with pytest.raises(InputError, match="DistillConfig.length_buckets"):
+            DistillConfig(length_buckets=bad)
+    assert TrainConfig().length_buckets is None and DistillConfig().length_buckets == 4
+    trainer = LoRATrainer(encoder)
+    widths = []
+    real = trainer.view.embed
+    trainer.view.embed = lambda batch: (widths.append(batch["input_ids"].shape[0]), real(batch))[1]
+    pairs = [(f"question {i} about part {i}?", "a passage " + "with words " * (5 + 9 * i)) for i in range(8)]
+    try:
+        _, rep = trainer.train(pairs, epochs=1, batch_size=8, seed=0, progress=False, length_buckets=3)
+    finally:
+        trainer.view.embed = real
+    assert rep.config["length_buckets"] == 3 and rep.steps == 1
+    assert max(widths) == 3                                # every training forward was bucketed
+    assert trainer.view.length_buckets is None             # and only for that run
 
 
 def test_hard_negatives_exclude_the_true_answer_group():

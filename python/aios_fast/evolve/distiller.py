@@ -112,6 +112,10 @@ class DistillConfig:
         batching: the trainer's contrastive batching (``"unique"``: one pair per answer group
             in a batch; ``"grouped"``: whole answer groups, see :func:`aios_fast.learn.recipe.plan_batches`).
             ``"unique"`` measured better on the human-written eval of the demo (BENCHMARKS.md).
+        length_buckets: the trainer's length buckets (``TrainConfig.length_buckets``): a batch
+            pairs short questions with passages of any length, and embedding it in buckets of 4
+            by length trained 1.5x faster per step on the demo than one padded batch (the same
+            loss; other dropout draws than the trainer's default, so another seeded card).
         max_examples: router examples stored with the skill.
         seed: pairs, split and training.
     """
@@ -147,10 +151,12 @@ class DistillConfig:
     gate_statistic: str = "mrr"
     gate_folds: int = 4
     batching: str = "unique"
+    length_buckets: int | None = 4
 
     def __post_init__(self) -> None:
         for name in ("max_passages", "min_pairs", "min_heldout", "rank", "batch_size", "max_examples",
-                     "min_steps", "max_epochs") + (("epochs",) if self.epochs is not None else ()):
+                     "min_steps", "max_epochs") + tuple(
+                         n for n in ("epochs", "length_buckets") if getattr(self, n) is not None):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InputError(f"DistillConfig.{name}: expected an int >= 1, got {v!r}")
@@ -464,7 +470,7 @@ class CloudDistiller:
             return LoRATrainer(self.engine).train(
                 [(p.query, p.answer) for p in train], rank=cfg.rank, alpha=cfg.alpha, epochs=self._epochs(train),
                 lr=cfg.lr, batch_size=cfg.batch_size, target_modules=cfg.target_modules, seed=cfg.seed,
-                name=name, progress=self.progress, batching=cfg.batching)
+                name=name, progress=self.progress, batching=cfg.batching, length_buckets=cfg.length_buckets)
         except TrainingDivergedError as exc:
             report[key] = getattr(exc, "report", None) and exc.report.to_dict()
             raise _NoCard(str(exc)) from None

@@ -46,6 +46,11 @@ def _default_library_dir() -> Path:
     return Path.home() / ".aios_fast" / "skills"
 
 
+def _positive_int(name: str, value: Any, also: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name} must be {also}an int >= 1, got {value!r}")
+
+
 class SkillNode:
     """A self-evolving node around one sentence encoder (ArrowEngine's method names).
 
@@ -79,11 +84,9 @@ class SkillNode:
             from ..engines import SentenceEncoder
 
             encoder = SentenceEncoder()
-        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
-            raise InputError(f"queue_size must be an int >= 1, got {queue_size!r}")
-        if learner_threads is not None and (isinstance(learner_threads, bool) or not isinstance(learner_threads, int)
-                                            or learner_threads < 1):
-            raise InputError(f"learner_threads must be None or an int >= 1, got {learner_threads!r}")
+        _positive_int("queue_size", queue_size)
+        if learner_threads is not None:
+            _positive_int("learner_threads", learner_threads, "None or ")
         self.learner_threads = learner_threads
         self.encoder = encoder
         self.library = SkillLibrary(library_dir if library_dir is not None else _default_library_dir(),

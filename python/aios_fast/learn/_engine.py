@@ -11,14 +11,7 @@ from torch import nn
 
 from ..errors import InputError
 
-__all__ = ["EngineView", "as_engine", "as_pairs", "TRAIN_BUCKET"]
-
-#: texts per length bucket of a training forward on a CPU; None: one padded batch. 4 measured
-#: 1.5x faster per step on the demo (8 within 7 % of it), but off by default for now: bucketing
-#: draws the frozen base's dropout masks in another order, so seeded runs train different cards,
-#: and seed-sensitive tests (the factory's first night) moved; turn it on with a value here.
-TRAIN_BUCKET: int | None = None
-
+__all__ = ["EngineView", "as_engine", "as_pairs"]
 
 class EngineView:
     """Adapter exposing ``kind`` ("encoder" | "causal"), ``model``, ``tokenizer``, ``device``,
@@ -40,6 +33,9 @@ class EngineView:
         get_out = getattr(self.model, "get_output_embeddings", None)
         self.kind = "causal" if (get_out is not None and get_out() is not None) else "encoder"
         self.max_length = int(getattr(engine, "max_length", 0) or (256 if self.kind == "encoder" else 512))
+        #: texts per length bucket of an encoder forward on a CPU (None: one padded batch); the
+        #: trainer sets it for a run from ``TrainConfig.length_buckets``
+        self.length_buckets: int | None = None
 
     @property
     def device(self) -> torch.device:
@@ -65,23 +61,23 @@ class EngineView:
         return (out * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """Pooled embeddings with gradients, in the order given. With :data:`TRAIN_BUCKET` set, on a
-        CPU the texts are embedded
-        in length-sorted buckets of :data:`TRAIN_BUCKET`, each padded only to its own longest: a
-        contrastive batch pairs short questions with passages of very different lengths, and
-        padding every passage to the longest of the batch cost a third of a training step (3.3 s
-        -> 2.2 s per step on the demo's passages, 2 cores). Each text's embedding does not depend
-        on its batch (the attention mask hides padding), so the loss is the same function."""
+        """Pooled embeddings with gradients, in the order given. With :attr:`length_buckets` set,
+        on a CPU the texts are embedded in length-sorted buckets of that many, each padded only to
+        its own longest: a contrastive batch pairs short questions with passages of very
+        different lengths, and padding every passage to the longest of the batch cost a third of
+        a training step (3.3 s -> 2.2 s per step on the demo's passages, 2 cores). Each text's
+        embedding does not depend on its batch (the attention mask hides padding), so the loss is
+        the same function; only the order in which dropout draws its masks changes."""
         batch = self.tokenize(texts)
         mask = batch["attention_mask"]
+        size = self.length_buckets
         right_padded = getattr(self.tokenizer, "padding_side", "right") == "right"
-        if (TRAIN_BUCKET is None or self.device.type != "cpu" or not right_padded
-                or mask.shape[0] <= TRAIN_BUCKET):
+        if size is None or self.device.type != "cpu" or not right_padded or mask.shape[0] <= size:
             return self.embed(batch)   # a GPU pads for free; launches are what cost there
         lens = mask.sum(1)
         order = torch.argsort(lens, stable=True)
         parts = []
-        for rows in order.split(TRAIN_BUCKET):
+        for rows in order.split(size):
             width = int(lens[rows].max())
             parts.append(self.embed({k: v[rows, :width] for k, v in batch.items()}))
         return torch.cat(parts)[torch.argsort(order)]
