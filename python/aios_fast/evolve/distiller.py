@@ -114,8 +114,9 @@ class DistillConfig:
             ``"unique"`` measured better on the human-written eval of the demo (BENCHMARKS.md).
         length_buckets: the trainer's length buckets (``TrainConfig.length_buckets``): a batch
             pairs short questions with passages of any length, and embedding it in buckets of 4
-            by length trained 1.5x faster per step on the demo than one padded batch (the same
-            loss; other dropout draws than the trainer's default, so another seeded card).
+            by length trained 1.2-1.5x faster per step on the demo than one padded batch
+            (BENCHMARKS.md; the same loss, but other dropout draws than the trainer's default,
+            so another seeded card).
         max_examples: router examples stored with the skill.
         seed: pairs, split and training.
     """

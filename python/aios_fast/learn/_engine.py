@@ -13,6 +13,7 @@ from ..errors import InputError
 
 __all__ = ["EngineView", "as_engine", "as_pairs"]
 
+
 class EngineView:
     """Adapter exposing ``kind`` ("encoder" | "causal"), ``model``, ``tokenizer``, ``device``,
     and the two operations the objectives use: ``embed_texts`` and ``sft_batch``."""
