@@ -166,16 +166,16 @@ def test_length_buckets_are_a_training_option_set_for_the_run_only(encoder):
             DistillConfig(length_buckets=bad)
     assert TrainConfig().length_buckets is None and DistillConfig().length_buckets == 4
     trainer = LoRATrainer(encoder)
-    widths = []
+    rows = []
     real = trainer.view.embed
-    trainer.view.embed = lambda batch: (widths.append(batch["input_ids"].shape[0]), real(batch))[1]
+    trainer.view.embed = lambda batch: (rows.append(batch["input_ids"].shape[0]), real(batch))[1]
     pairs = [(f"question {i} about part {i}?", "a passage " + "with words " * (5 + 9 * i)) for i in range(8)]
     try:
         _, rep = trainer.train(pairs, epochs=1, batch_size=8, seed=0, progress=False, length_buckets=3)
     finally:
         trainer.view.embed = real
     assert rep.config["length_buckets"] == 3 and rep.steps == 1
-    assert max(widths) == 3                                # every training forward was bucketed
+    assert max(rows) == 3                                  # every training forward was bucketed
     assert trainer.view.length_buckets is None             # and only for that run
 
 

@@ -643,17 +643,16 @@ def _paired_ranks(card, engine: Any, heldout: Sequence[Pair], distractors: Seque
     import torch
 
     from ..learn._engine import as_engine
-    from ..learn.gate import answer_candidates
+    from ..learn.gate import candidate_sims
     from ..lora import LoRAManager
     from ..lora.layer import base_only
 
     view = as_engine(engine)
     qs = [p.query for p in heldout]
-    cands, col = answer_candidates([p.answer for p in heldout], distractors)
+    answers = [p.answer for p in heldout]
 
     def ranks() -> _Ranks:
-        sims = (view.encode(qs) @ view.encode(cands).T).double()
-        own = sims.gather(1, col.unsqueeze(1)).squeeze(1)
+        sims, own = candidate_sims(view, qs, answers, distractors)
         rank = (sims > own.unsqueeze(1)).sum(1).numpy()
         nll = (torch.logsumexp(sims * GATE_SCALE, dim=1) - own * GATE_SCALE).numpy()
         return _Ranks(np.where(rank < k, 1.0 / (rank + 1.0), 0.0), rank == 0, nll)

@@ -109,15 +109,21 @@ def answer_candidates(answers: Sequence[str], distractors: Sequence[str] = ()) -
     return cands, torch.tensor([col[a] for a in answers], dtype=torch.long)
 
 
+def candidate_sims(view: EngineView, questions: Sequence[str], answers: Sequence[str],
+                   distractors: Sequence[str] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosines (float64) of each question with every candidate of :func:`answer_candidates`,
+    and each question's cosine with its own answer."""
+    cands, col = answer_candidates(answers, distractors)
+    sims = (view.encode(list(questions)) @ view.encode(cands).T).double()
+    return sims, sims.gather(1, col.unsqueeze(1)).squeeze(1)
+
+
 def retrieval_metrics(view: EngineView, pairs: Sequence[tuple[str, str]], k: int = 10,
                       distractors: Sequence[str] = ()) -> dict[str, float]:
     """recall@1 and MRR@k of each question against all answers of ``pairs`` plus
     ``distractors`` (extra candidate answers, e.g. the training answers)."""
-    cands, own = answer_candidates([p[1] for p in pairs], distractors)
-    q = view.encode([p[0] for p in pairs])
-    sims = q @ view.encode(cands).T
-    correct = sims.gather(1, own.unsqueeze(1))
-    rank = (sims > correct).sum(1)  # 0 = the right answer is the top hit
+    sims, own = candidate_sims(view, [p[0] for p in pairs], [p[1] for p in pairs], distractors)
+    rank = (sims > own.unsqueeze(1)).sum(1)  # 0 = the right answer is the top hit
     rr = torch.where(rank < k, 1.0 / (rank + 1).double(), torch.zeros((), dtype=torch.double))
     return {"recall@1": float((rank == 0).double().mean()), f"mrr@{k}": float(rr.mean())}
 
