@@ -314,6 +314,66 @@ def test_gate_refuses_a_card_that_does_not_help(encoder, core_index):
         d._gate(card, held, distractors, {"timings": {}, "stages": []})
 
 
+def test_studied_heldout_keeps_every_held_passage_in_training(core_index):
+    """``gate_heldout="studied"`` asks new questions about passages the card studies: in the single split
+    and in every cross-fitted fold, each held-out question's passage keeps training pairs, the
+    held-out ICT sentence is not in its passage's answer text, and the folds hold out each
+    eligible question of a multi-pair passage exactly once. "unseen" (the default) holds out whole
+    passages: nothing about them in training."""
+    import random
+
+    from aios_fast.errors import InputError
+    from aios_fast.evolve.distiller import DistillConfig, _eligible, _fold_plan, _studied_heldout
+    from aios_fast.evolve.pairs import Pair, PairSet, inverse_cloze_pairs
+
+    ict = inverse_cloze_pairs(core_index.passages, 3, seed=3)
+    by_pid = {}
+    for p in ict:
+        by_pid.setdefault(p.passage_ids[0], []).append(p)
+    # teacher questions: two about each of the first passages, one about a passage with nothing else
+    pids = sorted(by_pid)
+    teacher = [Pair(f"what does passage {pid} say, question {j}?", by_pid[pid][0].answer, (pid,), "teacher", 0.5)
+               for pid in pids[:4] for j in range(2)]
+    lonely = Pair("a question about a passage with no other pair?", "lonely passage text", ("lonely",), "teacher", 0.5)
+    ps = PairSet(pairs=teacher + [lonely] + ict)
+    eligible = _eligible(ps)
+    assert len(eligible) == len(ps.pairs)
+
+    def trained(held):
+        return {ps.pairs[i].passage_ids[0] for i in range(len(ps.pairs)) if i not in held}
+
+    held = _studied_heldout(ps, eligible, 0.5, random.Random(0))
+    assert held and trained(held) >= {ps.pairs[i].passage_ids[0] for i in held}
+    assert len(ps.pairs) - 1 not in held and all(ps.pairs[i].passage_ids != ("lonely",) for i in held)
+    multi = {pid for pid, ps_ in by_pid.items() if len(ps_) >= 2}
+    held_ict = [ps.pairs[i] for i in held if ps.pairs[i].origin == "ict"]
+    assert {p.passage_ids[0] for p in held_ict} == multi and len(held_ict) == len(multi)
+    # half of the 9 teacher questions (4), less the lonely one if it was drawn
+    assert sum(ps.pairs[i].origin == "teacher" for i in held) in (3, 4)
+    for folds in (2, 3, 4):
+        plan = _fold_plan(ps, folds, "studied", seed=1)
+        everyone = [i for h, _ in plan for i in h]
+        assert len(everyone) == len(set(everyone)) and all(not excluded for _, excluded in plan)
+        assert set(everyone) == {i for i in eligible if ps.pairs[i].passage_ids != ("lonely",)}
+        for h, _ in plan:
+            assert trained(set(h)) >= {ps.pairs[i].passage_ids[0] for i in h}
+    unseen = _fold_plan(ps, 3, "unseen", seed=1)
+    for h, excluded in unseen:
+        assert excluded == {ps.pairs[i].passage_ids[0] for i in h}
+    assert sorted(i for h, _ in unseen for i in h) == eligible
+    for bad in ({"heldout": "both"}, {"folds": 1}, {"folds": True}):
+        with pytest.raises(InputError):
+            _fold_plan(ps, **{"folds": 3, **bad})
+    with pytest.raises(InputError, match="DistillConfig.gate_heldout"):
+        DistillConfig(gate_heldout="passages")
+    assert DistillConfig().gate_heldout == "unseen" and DistillConfig().heldout_share == 0.25
+    assert DistillConfig(gate_heldout="studied").heldout_share == 0.33
+    assert DistillConfig(gate_heldout="studied", heldout_fraction=0.5).heldout_share == 0.5
+    for bad in (0.0, 1.0, "0.3"):
+        with pytest.raises(InputError, match="DistillConfig.heldout_fraction"):
+            DistillConfig(heldout_fraction=bad)
+
+
 def test_gate_folds_is_validated():
     from aios_fast.errors import InputError
     from aios_fast.evolve.distiller import DistillConfig
@@ -340,7 +400,7 @@ def test_cross_fitted_gate_holds_out_every_question_once(encoder, core_index):
     n_passages = len(_questions_by_passage(ps, eligible))
     assert n_passages >= 6, n_passages
     events = []
-    cfg = {"epochs": 2, "gate_folds": 3, "margin": None}
+    cfg = {"epochs": 2, "gate_folds": 3, "margin": None, "gate_heldout": "unseen"}
     d = CloudDistiller(encoder, config=cfg, index=core_index, on_event=lambda s, i: events.append((s, i)))
     report = {"timings": {}, "stages": []}
     try:
@@ -419,6 +479,7 @@ def test_local_teacher_card_raises_human_recall(encoder, index, tmp_path, two_th
     # cross-fitted: every teacher and ICT question was held out of one fold's card
     questions = sum(v for k, v in rep["pairs"]["kept"].items() if k in ("teacher", "ict"))
     assert gate["details"]["cross_fit_folds"] == 4 and gate["n_heldout"] == questions
+    assert gate["details"]["gate_heldout"] == "unseen"
     assert len(rep["folds"]) == 4 and rep["training"]["steps"] > 0
     assert rep["pairs"]["kept"].get("teacher", 0) >= 3       # the tiny teacher contributed
     assert rep["pairs"]["teacher"]["asked"] >= rep["pairs"]["teacher"]["kept"]

@@ -71,6 +71,8 @@ def test_evolve_main_job_end_to_end(tmp_path):
 def test_evolve_bad_gate_folds_is_refused_by_name(tmp_path):
     proc = _run(["--gate-folds", "-2", "--out", str(tmp_path / "o")], tmp_path, timeout=120)
     assert proc.returncode == 1 and "--gate-folds" in proc.stderr and "got -2" in proc.stderr, proc.stderr[-2000:]
+    proc = _run(["--gate-heldout", "both", "--out", str(tmp_path / "o")], tmp_path, timeout=120)
+    assert proc.returncode == 2 and "--gate-heldout" in proc.stderr and "'both'" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_evolve_bad_input_names_the_file(tmp_path):

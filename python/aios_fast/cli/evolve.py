@@ -44,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="K >= 2: the gate measures K cross-fitted cards on every question (the library's "
                         "default, DistillConfig.gate_folds=4), K more trainings: ~7-9 min on 2 cores instead "
                         "of ~2.5; 1 (default here, well under 10 minutes): one held-out split")
+    p.add_argument("--gate-heldout", choices=("unseen", "studied"), default="unseen",
+                   help="what the gate's held-out questions ask about: passages the card never trained on "
+                        "(default) or new questions about the passages it studies (DistillConfig.gate_heldout)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the learning job")
     add_json_flag(p)
     p.set_defaults(func=_run)
@@ -179,7 +182,8 @@ def _evolve(args: argparse.Namespace, threads: int) -> int:
 
     distiller = enable_evolution(node, cloud_providers=teacher if teacher else None, docs=docs,
                                  urls=args.url or None, progress=not quiet, on_event=on_event,
-                                 config={"seed": args.seed, "gate_folds": args.gate_folds})
+                                 config={"seed": args.seed, "gate_folds": args.gate_folds,
+                                         "gate_heldout": args.gate_heldout})
     if teacher is False:
         distiller.teacher = None
 

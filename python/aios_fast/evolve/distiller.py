@@ -9,7 +9,8 @@
    (:mod:`aios_fast.evolve.pairs`), near-duplicates removed; every pair keeps its passage ids;
 3. **log** every kept pair to the :class:`~aios_fast.learn.QALogger` (source = origin, teacher,
    passage ids) and flush, so a crash after this point loses no record;
-4. **split** train / held-out (held-out: teacher questions and ICT sentences, never crops);
+4. **split** train / held-out (held-out: teacher questions and ICT sentences, never crops; by
+   default whole passages the card never trains on, see ``DistillConfig.gate_heldout``);
 5. **train** a LoRA with :class:`~aios_fast.learn.LoRATrainer` (``contrastive`` for encoders,
    ``sft`` for causal LMs);
 6. **gate** with :func:`aios_fast.learn.validate` on the held-out pairs (all retrieved passages
@@ -89,12 +90,25 @@ class DistillConfig:
         min_teacher_pairs: with a teacher, fewer kept teacher questions than this means the
             teacher is broken or useless: no card (a configured teacher that fails is reported,
             never silently ignored).
-        heldout_fraction, min_heldout: the gate's held-out share of teacher and ICT pairs (with
-            ``gate_folds`` <= 1; cross-fitting holds out every passage once).
-        gate_folds: K-fold cross-fitting of the bootstrap gate (encoders): the question-bearing
-            passages are dealt into K folds; for each fold a card is trained on everything not
-            about its passages and measured on its questions, so every teacher and ICT question
-            is held out once. The pooled paired MRR@10 gains decide (resampled by passage), and
+        gate_heldout: what the gate's held-out questions ask about. ``"unseen"`` (default): whole
+            passages held out, so the card must carry to documents it never trained on.
+            ``"studied"``: new questions about the passages the skill learns: one inverse-cloze
+            sentence of every passage that has two or more (its other sentences still train the
+            card, and the held-out sentence is not in the passage's answer text) and
+            ``heldout_fraction`` of the teacher questions, their passages still trained. On the
+            demo "studied" kept more of the cards that helped users, but on the test domain it
+            kept a card that left the human-written recall@1 unchanged (BENCHMARKS.md, "The
+            gate's held-out"), so it is an option.
+        heldout_fraction, min_heldout: the gate's held-out share (with ``gate_folds`` <= 1):
+            of teacher and ICT pairs by passage (``"unseen"``) or of the teacher questions
+            (``"studied"``); ``None``: 0.25 (``"unseen"``) or 0.33 (``"studied"``, where ICT
+            sentences are held out apart from it), the shares measured. Cross-fitting holds out
+            every eligible question once.
+        gate_folds: K-fold cross-fitting of the bootstrap gate (encoders): the held-out units
+            are dealt into K folds (``"unseen"``: passages, a fold's card trained on nothing about
+            them; ``"studied"``: each passage's questions spread over the folds, so every fold's
+            card still trains on the passage), and every eligible teacher and ICT question is
+            held out once. The pooled paired MRR@10 gains decide (resampled by passage), and
             the card that is kept is trained on all pairs. One held-out quarter of a small topic
             is too few passages for a bound to clear 0 (BENCHMARKS.md, "Distillation"); the
             price is K extra trainings. ``<= 1``: a single ``heldout_fraction`` split.
@@ -129,7 +143,8 @@ class DistillConfig:
     crops_per_passage: int = 0
     min_pairs: int = 24
     min_teacher_pairs: int = 3
-    heldout_fraction: float = 0.25
+    gate_heldout: str = "unseen"
+    heldout_fraction: float | None = None
     min_heldout: int = 8
     rank: int = 8
     alpha: float = 16.0
@@ -173,12 +188,23 @@ class DistillConfig:
             raise InputError(f"DistillConfig.gate_folds: expected an int >= 0 (<= 1: one split), got {self.gate_folds!r}")
         if isinstance(self.gate_resamples, bool) or not isinstance(self.gate_resamples, int) or self.gate_resamples < 100:
             raise InputError(f"DistillConfig.gate_resamples: expected an int >= 100, got {self.gate_resamples!r}")
+        if self.gate_heldout not in ("studied", "unseen"):
+            raise InputError(f"DistillConfig.gate_heldout: expected 'studied' or 'unseen', got {self.gate_heldout!r}")
         if self.gate_statistic not in ("loss", "mrr"):
             raise InputError(f"DistillConfig.gate_statistic: expected 'loss' or 'mrr', got {self.gate_statistic!r}")
         if self.batching not in ("unique", "grouped", "random"):
             raise InputError(f"DistillConfig.batching: expected 'unique', 'grouped' or 'random', got {self.batching!r}")
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise InputError(f"DistillConfig.heldout_fraction: expected a number in (0, 1), got {self.heldout_fraction!r}")
+        if self.heldout_fraction is not None and not (isinstance(self.heldout_fraction, (int, float))
+                                                      and 0.0 < self.heldout_fraction < 1.0):
+            raise InputError(f"DistillConfig.heldout_fraction: expected None or a number in (0, 1), "
+                             f"got {self.heldout_fraction!r}")
+
+    @property
+    def heldout_share(self) -> float:
+        """``heldout_fraction``, or the share measured for ``gate_heldout`` when it is ``None``."""
+        if self.heldout_fraction is not None:
+            return float(self.heldout_fraction)
+        return 0.33 if self.gate_heldout == "studied" else 0.25
 
 
 @dataclass
@@ -426,30 +452,39 @@ class CloudDistiller:
     def _split(self, ps: PairSet, passages, report):
         cfg = self.config
         rng = random.Random(cfg.seed)
-        eligible = [i for i, p in enumerate(ps.pairs) if p.origin in ("teacher", "ict")]
-        rng.shuffle(eligible)
-        n = max(cfg.min_heldout, int(round(cfg.heldout_fraction * len(eligible))))
-        if len(eligible) < n + 2:
-            raise _NoCard(f"thin data: {len(eligible)} question-like pairs, need {n + 2} to hold out {n} for the gate")
-        by_passage = _questions_by_passage(ps, eligible)
-        order = sorted(by_passage)
-        rng.shuffle(order)
+        eligible = _eligible(ps)
         held_passages: set[str] = set()
-        held: set[int] = set()
-        for pid in order:
-            if len(held) >= n:
-                break
-            held_passages.add(pid)
-            held.update(by_passage[pid])
+        if cfg.gate_heldout == "studied":
+            held = _studied_heldout(ps, eligible, cfg.heldout_share, rng)
+            if len(held) < cfg.min_heldout:
+                raise _NoCard(f"thin data: {len(held)} held-out question(s) about passages that keep other "
+                              f"training pairs ({len(eligible)} question-like pairs), need {cfg.min_heldout} "
+                              f"for the gate")
+        else:
+            rng.shuffle(eligible)
+            n = max(cfg.min_heldout, int(round(cfg.heldout_share * len(eligible))))
+            if len(eligible) < n + 2:
+                raise _NoCard(f"thin data: {len(eligible)} question-like pairs, need {n + 2} to hold out {n} "
+                              f"for the gate")
+            by_passage = _questions_by_passage(ps, eligible)
+            order = sorted(by_passage)
+            rng.shuffle(order)
+            held = set()
+            for pid in order:
+                if len(held) >= n:
+                    break
+                held_passages.add(pid)
+                held.update(by_passage[pid])
         heldout = [ps.pairs[i] for i in sorted(held)]
         train = [p for i, p in enumerate(ps.pairs)
                  if i not in held and not (set(p.passage_ids) & held_passages)]
         if len(train) < 2:
             raise _NoCard(f"thin data: {len(train)} training pairs left after holding out "
-                          f"{len(held_passages)} passage(s) for the gate")
+                          f"{len(heldout)} question(s) for the gate")
         distractors = _distractors(ps, passages, heldout)
         report["split"] = {"train": len(train), "heldout": len(heldout), "distractors": len(distractors),
-                           "heldout_by_origin": _count(p.origin for p in heldout)}
+                           "heldout_by_origin": _count(p.origin for p in heldout),
+                           "gate_heldout": cfg.gate_heldout}
         return train, heldout, distractors
 
     def _epochs(self, train: list[Pair]) -> int:
@@ -511,8 +546,9 @@ class CloudDistiller:
 
     def _crossfit(self, ps: PairSet, passages, name: str, report):
         """The cross-fitted gate (``DistillConfig.gate_folds``): K cards, each trained without
-        one fold of passages and measured on that fold's questions, give paired base/card
-        figures for every teacher and ICT question; the bootstrap over passages decides on the
+        one fold's questions (:func:`_fold_plan`; with ``gate_heldout="unseen"`` without anything
+        about the fold's passages) and measured on them, give paired base/card figures for every
+        eligible question; the bootstrap over passages decides on the
         pooled figures. Only when they pass is the card kept trained on all pairs and checked
         for drift on the guard texts; its validation report carries the cross-fitted figures
         and its own checksum. This measures the training recipe on this topic rather than one
@@ -525,22 +561,24 @@ class CloudDistiller:
         from ..learn.gate import DEFAULTS, ValidationReport, validate
 
         cfg = self.config
-        eligible = [i for i, p in enumerate(ps.pairs) if p.origin in ("teacher", "ict")]
+        eligible = _eligible(ps)
         by_passage = _questions_by_passage(ps, eligible)
         if len(eligible) < cfg.min_heldout or len(by_passage) < 2:
             raise _NoCard(f"thin data: {len(eligible)} question-like pairs from {len(by_passage)} passage(s); "
                           f"the gate needs at least {cfg.min_heldout} from 2 passages")
-        order = sorted(by_passage)
-        random.Random(cfg.seed).shuffle(order)
-        k = min(cfg.gate_folds, len(order))
+        plan = _fold_plan(ps, cfg.gate_folds, cfg.gate_heldout, cfg.seed)
+        k = len(plan)
+        if k < 2:
+            raise _NoCard(f"thin data: {sum(len(h) for h, _ in plan)} question(s) about passages that keep "
+                          f"other training pairs, too few for {cfg.gate_folds} cross-fitted folds")
         t0 = time.perf_counter()
         rr_b, rr_a, nll_b, nll_a, top_b, top_a, clusters, held_all = [], [], [], [], [], [], [], []
         report["folds"] = []
-        for f in range(k):
+        for f, (held_idx, fold) in enumerate(plan):
             tf = time.perf_counter()
-            fold = set(order[f::k])
-            held = [ps.pairs[i] for pid in order[f::k] for i in by_passage[pid]]
-            train = [p for p in ps.pairs if not (set(p.passage_ids) & fold)]
+            held = [ps.pairs[i] for i in held_idx]
+            skip = set(held_idx)
+            train = [p for i, p in enumerate(ps.pairs) if i not in skip and not (set(p.passage_ids) & fold)]
             if len(train) < 2:
                 raise _NoCard(f"thin data: fold {f + 1} of {k} leaves {len(train)} training pairs")
             self._emit("fold_start", {"fold": f + 1, "folds": k, "pairs": len(train), "heldout": len(held),
@@ -553,13 +591,14 @@ class CloudDistiller:
             clusters += [p.passage_ids[0] for p in held]
             held_all += held
             info = {"fold": f + 1, "folds": k, "train": len(train), "heldout": len(held),
-                    "passages": len(fold), "mrr_before": round(float(before.rr.mean()), 4),
+                    "passages": len({p.passage_ids[0] for p in held}), "mrr_before": round(float(before.rr.mean()), 4),
                     "mrr_after": round(float(after.rr.mean()), 4), "seconds": round(time.perf_counter() - tf, 3)}
             report["folds"].append(info)
             self._emit("fold", info)
         report["timings"]["folds"] = round(time.perf_counter() - t0, 3)
         report["split"] = {"folds": k, "train": len(ps.pairs), "heldout": len(held_all),
-                           "heldout_by_origin": _count(p.origin for p in held_all)}
+                           "heldout_by_origin": _count(p.origin for p in held_all),
+                           "gate_heldout": cfg.gate_heldout}
         tg = time.perf_counter()
         cat = np.concatenate
         pooled_b = _Ranks(cat(rr_b), cat(top_b), cat(nll_b))
@@ -753,6 +792,7 @@ def _retrieval_verdict(before: _Ranks, after: _Ranks, clusters: Sequence[str], c
         reasons.append(f"mrr@10 gain {gain:+.4f} is below the margin {cfg.margin}")
     finite = n_pass >= 2   # no bound at all from one passage (and -inf is not JSON)
     details = {"mrr@10_gain_lower_bound": lb if finite else None, "gate_confidence": cfg.gate_confidence,
+               "gate_heldout": cfg.gate_heldout,
                "gate_statistic": cfg.gate_statistic, "heldout_passages": n_pass,
                "loss_before": float(before.nll.mean()), "loss_after": float(after.nll.mean()),
                "loss_reduction_lower_bound": loss_lb if finite else None,
@@ -780,14 +820,82 @@ def _with_verdict(v, before: _Ranks, after: _Ranks, reasons: list[str], details:
                       reasons=reasons, details={**v.details, **details})
 
 
+def _eligible(ps: PairSet) -> list[int]:
+    """Indices of the pairs the gate may hold out: teacher questions and ICT sentences (a crop
+    is a piece of its own answer, not a question)."""
+    return [i for i, p in enumerate(ps.pairs) if p.origin in ("teacher", "ict")]
+
+
 def _questions_by_passage(ps: PairSet, eligible: Sequence[int]) -> dict[str, list[int]]:
-    """Question indices grouped by their passage. The gate holds out whole passages: a held-out
-    question whose passage (or that passage's shared inverse-cloze answer) is also trained on
-    measures memorising, not answering."""
+    """Question indices grouped by their passage (the gate's bootstrap resamples passages)."""
     by_passage: dict[str, list[int]] = {}
     for i in eligible:
         by_passage.setdefault(ps.pairs[i].passage_ids[0], []).append(i)
     return by_passage
+
+
+def _pairs_per_passage(ps: PairSet) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for p in ps.pairs:
+        out[p.passage_ids[0]] = out.get(p.passage_ids[0], 0) + 1
+    return out
+
+
+def _studied_heldout(ps: PairSet, eligible: Sequence[int], fraction: float, rng: random.Random) -> set[int]:
+    """The ``"studied"`` held-out of one split: ``fraction`` of the teacher questions and one
+    ICT sentence of every passage with two or more, keeping only questions whose passage is
+    still trained on by another pair. The ICT sentence is left out of its passage's answer text
+    (:func:`~aios_fast.evolve.pairs.inverse_cloze_pairs`), so it is a new question about a known
+    passage, as a user's question about the studied documents is."""
+    teacher = [i for i in eligible if ps.pairs[i].origin == "teacher"]
+    rng.shuffle(teacher)
+    held = set(teacher[:int(round(fraction * len(teacher)))])
+    ict: dict[str, list[int]] = {}
+    for i in eligible:
+        if ps.pairs[i].origin == "ict":
+            ict.setdefault(ps.pairs[i].passage_ids[0], []).append(i)
+    for pid in sorted(ict):
+        if len(ict[pid]) >= 2:
+            held.add(rng.choice(ict[pid]))
+    total = _pairs_per_passage(ps)
+    out_of: dict[str, int] = {}
+    for i in held:
+        out_of[ps.pairs[i].passage_ids[0]] = out_of.get(ps.pairs[i].passage_ids[0], 0) + 1
+    return {i for i in held if out_of[ps.pairs[i].passage_ids[0]] < total[ps.pairs[i].passage_ids[0]]}
+
+
+def _fold_plan(ps: PairSet, folds: int, heldout: str = "unseen", seed: int = 0) -> list[tuple[list[int], set[str]]]:
+    """The cross-fitted gate's folds: per fold, the indices of its held-out questions and the
+    passages its card must not train on at all.
+
+    ``"unseen"``: the question-bearing passages are dealt into the folds; a fold holds out all
+    questions of its passages and its card trains on nothing about them. ``"studied"``: each
+    passage's questions are dealt round the folds from a random start, so a fold holds out at
+    most ``ceil(n / folds)`` of a passage's ``n`` and its card still trains on the rest;
+    passages with a single pair are never held out. Either way every eligible question is held
+    out by exactly one fold; empty folds are dropped."""
+    if heldout not in ("studied", "unseen"):
+        raise InputError(f"heldout: expected 'studied' or 'unseen', got {heldout!r}")
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise InputError(f"folds: expected an int >= 2, got {folds!r}")
+    by_passage = _questions_by_passage(ps, _eligible(ps))
+    order = sorted(by_passage)
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    if heldout == "unseen":
+        k = min(folds, len(order))
+        return [([i for pid in order[f::k] for i in by_passage[pid]], set(order[f::k])) for f in range(k)]
+    total = _pairs_per_passage(ps)
+    plan: list[list[int]] = [[] for _ in range(folds)]
+    for pid in order:
+        if total[pid] < 2:
+            continue
+        qs = list(by_passage[pid])
+        rng.shuffle(qs)
+        start = rng.randrange(folds)
+        for j, i in enumerate(qs):
+            plan[(start + j) % folds].append(i)
+    return [(sorted(h), set()) for h in plan if h]
 
 
 def _distractors(ps: PairSet, passages, heldout: Sequence[Pair]) -> list[str]:
