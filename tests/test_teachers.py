@@ -254,6 +254,9 @@ def test_local_teacher_generates(local_teacher, one_thread):
             local_teacher.query("again")
         local_teacher.budget = None
         assert local_teacher.query("Say hello.", system="You are terse.", max_tokens=6).strip()
+        # a reply depends on its prompt only, not on the prompts before it (llama.cpp's KV cache
+        # reuse of a shared prefix changed greedy replies)
+        assert local_teacher.complete(msgs, max_tokens=8, temperature=0.0).text == a.text
         # sampling: the teacher's seed makes a run reproducible, call by call
         again = LocalTeacher(backend=local_teacher.backend, seed=local_teacher.seed)
         again._model = local_teacher.model   # the same engine, a fresh call counter

@@ -9,7 +9,8 @@ nothing listens on a port and no child process has to be started or stopped.
 
 Decoding matches :meth:`aios_fast.engines.causal.CausalLM.generate`: the GGUF's own chat template,
 greedy at ``temperature == 0``, pure temperature sampling above it (no top-k, top-p or min-p
-truncation and no repetition penalty), seeded per call.
+truncation and no repetition penalty), seeded per call; every prompt is evaluated from scratch, so
+a reply depends on its prompt and seed only, never on the prompts before it.
 """
 
 from __future__ import annotations
@@ -77,19 +78,27 @@ class LlamaCppEngine:
         structured = None
         if json_schema is not None:
             try:
-                out = self.llm.create_chat_completion(
-                    response_format={"type": "json_object", "schema": json_schema}, **kwargs)
+                out = self._fresh_completion(response_format={"type": "json_object", "schema": json_schema}, **kwargs)
                 structured = "json_schema"
             except (ValueError, RuntimeError, TypeError, KeyError):   # a schema its grammar builder refuses
-                out = self.llm.create_chat_completion(**kwargs)
+                out = self._fresh_completion(**kwargs)
         else:
-            out = self.llm.create_chat_completion(**kwargs)
+            out = self._fresh_completion(**kwargs)
         choice = out["choices"][0]
         usage = out.get("usage") or {}
         return {"text": (choice["message"].get("content") or "").strip(),
                 "prompt_tokens": int(usage.get("prompt_tokens", 0)),
                 "completion_tokens": int(usage.get("completion_tokens", 0)),
                 "finish_reason": choice.get("finish_reason"), "structured": structured}
+
+    def _fresh_completion(self, **kwargs: Any) -> dict[str, Any]:
+        # llama-cpp-python reuses the KV cache of the longest prefix the previous prompt shares and
+        # evaluates only the rest; logits of a token evaluated in another batch split differ in the
+        # last bits, enough to change a greedy reply (two identical greedy calls disagreed on this
+        # CPU). Evaluating every prompt from scratch makes a reply a function of its prompt alone,
+        # whatever ran before it (a resumed distillation asks its teacher in another order).
+        self.llm.reset()
+        return self.llm.create_chat_completion(**kwargs)
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
