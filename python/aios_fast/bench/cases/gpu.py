@@ -3,7 +3,8 @@
 * ``token_norms`` CUDA kernel vs the torch ops, on every Linear output of a MiniLM forward
   (float32) and on two outputs in bfloat16; statistics checked against the reference.
 * WeightMapProbe overhead on a MiniLM forward on the GPU (goal ≤ 2 %); output bit-identical.
-* ``truncated_svd`` on CUDA vs ``torch.svd_lowrank`` on CUDA; σ_k checked.
+* ``truncated_svd`` on CUDA vs ``torch.svd_lowrank`` on CUDA; σ_k error over 5 seeded starts, median
+  no higher than the peer's.
 * whole-model extraction with ``--device cuda`` vs ``mergekit-extract-lora --cuda``.
 
 The runner marks the whole group "not run" on a machine where torch sees no CUDA device. GPU
@@ -11,6 +12,8 @@ work is asynchronous, so every timed body ends with ``torch.cuda.synchronize()``
 """
 
 from __future__ import annotations
+
+import statistics
 
 import torch
 
@@ -40,6 +43,7 @@ def run(ctx: BenchContext) -> list[Figure]:
     dev = torch.device("cuda")
     figs: list[Figure] = []
     rounds = max(ctx.sizes.rounds, 5)
+    seeds = range(3) if ctx.sizes.quick else range(5)
     b, s = ctx.sizes.probe_batch
     ctx.progress("MiniLM on the GPU")
     model, tok = pr.load_model()
@@ -91,10 +95,23 @@ def run(ctx: BenchContext) -> list[Figure]:
             fig = Figure(f"gpu.svd_{shape[0]}x{shape[1]}_bf16_r{k}", "gpu",
                          f"truncated SVD on {name}, {shape[0]}×{shape[1]} bf16, rank {k}",
                          goal=Goal(">=", 1.25, "≤ 0.8× svd_lowrank's time (≥ 1.25×)"),
-                         check="σ_k error < 2 % and ≤ svd_lowrank's", config={**cfg, "shape": list(shape), "rank": k})
+                         check=f"σ_k error over {len(seeds)} starts < 2 %, median ≤ svd_lowrank's",
+                         config={**cfg, "shape": list(shape), "rank": k, "error_seeds": len(seeds)})
+            errs: dict[str, list[float]] = {}
+
+            def check(_o, _p, k=k, refs=refs, errs=errs):
+                # one draw each is a coin flip between two good answers: compare medians over
+                # the same seeds, as the CPU group does (the peer's seed drives torch's CUDA RNG)
+                for side, fn in (("ours", sv.ours), ("lowrank", sv.lowrank)):
+                    errs[side] = [sv.sigma_error(fn(T, B, k, seed=sd).cpu(), refs, k) for sd in seeds]
+                sv.check_errors(errs["ours"], errs["lowrank"], k)
+
             figs.append(measure(fig, _sync(lambda k=k: sv.ours(T, B, k)), _sync(lambda k=k: sv.lowrank(T, B, k)),
-                                lambda o, p, k=k: sv.check_sigma(o.cpu(), p.cpu(), refs, k),
-                                rounds=rounds, ours_name="truncated_svd (cuda)", peer_name="torch.svd_lowrank (cuda)"))
+                                check, rounds=rounds, ours_name="truncated_svd (cuda)",
+                                peer_name="torch.svd_lowrank (cuda)"))
+            for side, e in errs.items():
+                fig.extra[f"{side}_sigma_k_rel_err"] = {"median": float(f"{statistics.median(e):.4g}"),
+                                                        "max": float(f"{max(e):.4g}"), "seeds": len(e)}
             del T, B
             torch.cuda.empty_cache()
 
