@@ -35,6 +35,7 @@ import logging
 import random
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
@@ -834,11 +835,8 @@ def _questions_by_passage(ps: PairSet, eligible: Sequence[int]) -> dict[str, lis
     return by_passage
 
 
-def _pairs_per_passage(ps: PairSet) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for p in ps.pairs:
-        out[p.passage_ids[0]] = out.get(p.passage_ids[0], 0) + 1
-    return out
+def _pairs_per_passage(ps: PairSet) -> Counter[str]:
+    return Counter(p.passage_ids[0] for p in ps.pairs)
 
 
 def _studied_heldout(ps: PairSet, eligible: Sequence[int], fraction: float, rng: random.Random) -> set[int]:
@@ -850,17 +848,12 @@ def _studied_heldout(ps: PairSet, eligible: Sequence[int], fraction: float, rng:
     teacher = [i for i in eligible if ps.pairs[i].origin == "teacher"]
     rng.shuffle(teacher)
     held = set(teacher[:int(round(fraction * len(teacher)))])
-    ict: dict[str, list[int]] = {}
-    for i in eligible:
-        if ps.pairs[i].origin == "ict":
-            ict.setdefault(ps.pairs[i].passage_ids[0], []).append(i)
+    ict = _questions_by_passage(ps, [i for i in eligible if ps.pairs[i].origin == "ict"])
     for pid in sorted(ict):
         if len(ict[pid]) >= 2:
             held.add(rng.choice(ict[pid]))
     total = _pairs_per_passage(ps)
-    out_of: dict[str, int] = {}
-    for i in held:
-        out_of[ps.pairs[i].passage_ids[0]] = out_of.get(ps.pairs[i].passage_ids[0], 0) + 1
+    out_of = Counter(ps.pairs[i].passage_ids[0] for i in held)
     return {i for i in held if out_of[ps.pairs[i].passage_ids[0]] < total[ps.pairs[i].passage_ids[0]]}
 
 
