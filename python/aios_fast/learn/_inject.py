@@ -1,4 +1,6 @@
-"""Training-time LoRA injection: trainable A, B beside frozen ``nn.Linear`` layers.
+"""Training-time LoRA injection: trainable A, B beside frozen ``nn.Linear`` layers (and
+transformers' GPT-2 ``Conv1D``, whose weight is stored (in, out): every layer the serving
+wrapper's dispatch chain accepts).
 
 ``y = base(x) + scaling · (x Aᵀ) Bᵀ`` (Hu et al. 2021, "LoRA"), PEFT's orientation: A (r, in),
 B (out, r). The wrapper is the serving one, :class:`aios_fast.lora.layer.LoRALayer`, holding a
@@ -32,7 +34,8 @@ from ..lora.layer import LoRALayer, geometry_of, model_lock, unwrap_if_empty, wr
 __all__ = ["LoRALinear", "TRAIN_ADAPTER", "resolve_targets", "init_factors", "injected", "DEFAULT_TARGETS"]
 
 # what PEFT targets by default for these families: attention query and value projections
-DEFAULT_TARGETS = ("query", "value", "q_proj", "v_proj", "q_lin", "v_lin")
+# (GPT-2 fuses them with the key into one Conv1D, c_attn)
+DEFAULT_TARGETS = ("query", "value", "q_proj", "v_proj", "q_lin", "v_lin", "c_attn")
 
 #: Name of the trainer's adapter inside each wrapped layer (distinct from any card's name, so
 #: a card can be served on the same layers during training).
@@ -45,9 +48,10 @@ LoRALinear = LoRALayer
 
 
 def resolve_targets(model: nn.Module, target_modules: Sequence[str] | str | None) -> list[str]:
-    """Module keys of the ``nn.Linear`` layers to adapt.
+    """Module keys of the layers to adapt: ``nn.Linear`` and GPT-2 ``Conv1D`` (what
+    :func:`aios_fast.lora.layer.geometry_of` accepts).
 
-    ``None``: every Linear whose last name part is in :data:`DEFAULT_TARGETS`. Otherwise the
+    ``None``: every such layer whose last name part is in :data:`DEFAULT_TARGETS`. Otherwise the
     package's one selection rule (:func:`aios_fast.cards.naming.select_modules`): a list's
     entries name a key or a ``.``-suffix of it (``"query"`` matches
     ``encoder.layer.0.attention.self.query``); a string is a regular expression searched in
@@ -63,12 +67,13 @@ def resolve_targets(model: nn.Module, target_modules: Sequence[str] | str | None
         # base_layer: its trainable adapter goes into the same wrapper
         if n.endswith(".base_layer") and isinstance(mods.get(n.rpartition(".")[0]), LoRALayer):
             continue
-        if (isinstance(m, LoRALayer) and m.geometry.kind == "linear") or isinstance(m, nn.Linear):
-            try:
-                geometry_of(m, n, mods.get(n.rpartition(".")[0]))
-            except CardMismatchError:
-                continue
-            linears[n] = m
+        if not isinstance(getattr(m, "weight", None), torch.Tensor):
+            continue  # cheap filter: containers and weightless modules are never layers
+        try:
+            geometry_of(m, n, mods.get(n.rpartition(".")[0]))
+        except CardMismatchError:
+            continue  # not adaptable (norms, embeddings, quantised, MHA's out_proj)
+        linears[n] = m
     if target_modules is None:
         keys = [n for n in linears if n.rsplit(".", 1)[-1] in DEFAULT_TARGETS]
         if not keys:
@@ -78,8 +83,8 @@ def resolve_targets(model: nn.Module, target_modules: Sequence[str] | str | None
     try:
         keys = select_modules(linears, target_modules, what="target_modules", error=CardMismatchError)
     except CardMismatchError as exc:
-        raise CardMismatchError(f"{exc} (candidates: the nn.Linear layers of "
-                                f"{type(model).__name__}; they match no nn.Linear)") from None
+        raise CardMismatchError(f"{exc} (candidates: the nn.Linear / Conv1D layers of "
+                                f"{type(model).__name__}; they match no nn.Linear or Conv1D)") from None
     return sorted(keys)
 
 
@@ -111,7 +116,8 @@ def init_factors(model: nn.Module, keys: Sequence[str], rank: int, scaling: floa
     A, B, residual = {}, {}, {}
     for k in keys:
         lin = mods[k]
-        out_f, in_f = lin.weight.shape
+        geo = geometry_of(lin, k)
+        out_f, in_f = geo.out_features, geo.in_features
         if rank > min(out_f, in_f):
             raise InputError(f"rank {rank} exceeds min(out, in) = {min(out_f, in_f)} of {k}")
         if init == "default":
@@ -120,10 +126,13 @@ def init_factors(model: nn.Module, keys: Sequence[str], rank: int, scaling: floa
             A[k], B[k] = a, torch.zeros(out_f, rank)
         elif init == "pissa":
             W = lin.weight.detach().to("cpu", torch.float32)
+            if geo.fan_in_fan_out:  # Conv1D stores (in, out): factor the (out, in) map
+                W = W.T
             a0, b0 = _principal_factors(W, rank)
             a0, b0 = a0 / math.sqrt(scaling), b0 / math.sqrt(scaling)
             A[k], B[k] = a0, b0
-            residual[k] = W - scaling * (b0 @ a0)
+            res = W - scaling * (b0 @ a0)
+            residual[k] = res.T.contiguous() if geo.fan_in_fan_out else res  # the layer's own layout
         else:
             raise InputError(f"init must be 'default' or 'pissa', got {init!r}")
     return A, B, residual

@@ -163,7 +163,8 @@ class LoRATrainer:
             pairs: (question, answer) tuples, mappings with query/answer, or a QALogger table.
             objective: "contrastive" (default for encoders) or "sft" (default for causal LMs).
             rank, alpha: LoRA rank and alpha (ΔW = alpha/rank · B @ A).
-            target_modules: keys, key suffixes or a regex.
+            target_modules: keys, key suffixes or a regex, among the model's ``nn.Linear`` and
+                GPT-2 ``Conv1D`` layers (a Conv1D card has PEFT's orientation, A (r, in), B (out, r)).
             epochs, lr, batch_size, seed: optimisation (AdamW); same seed on CPU -> same card.
             rank, alpha, target_modules, epochs, lr (and the options schedule, warmup_ratio,
                 max_grad_norm, batching, hard_negatives, symmetric) left None take the
