@@ -43,6 +43,43 @@ __device__ __forceinline__ void atomic_max_nonneg(double* addr, double v) {
     atomicMax(reinterpret_cast<unsigned long long*>(addr), static_cast<unsigned long long>(__double_as_longlong(v)));
 }
 
+// The end of both kernels, called by every thread of the block: each warp's token totals go
+// to shared memory and one thread adds the block's to the global stats; then the block's
+// shared channel partials (when it kept them there: CH) are added to global float64.
+template <bool CH>
+__device__ __forceinline__ void flush_block(double (&sh_tot)[kWarps][4], int lane, int warp, double cnt,
+                                            double sum, double sumsq, double mx, double* __restrict__ stats,
+                                            const float* sh_ch, int64_t cols, double* __restrict__ channel) {
+    if (lane == 0) {
+        sh_tot[warp][0] = cnt;
+        sh_tot[warp][1] = sum;
+        sh_tot[warp][2] = sumsq;
+        sh_tot[warp][3] = mx;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double c = 0, a = 0, b = 0, m = 0;
+        for (int w = 0; w < kWarps; ++w) {
+            c += sh_tot[w][0];
+            a += sh_tot[w][1];
+            b += sh_tot[w][2];
+            m = fmax(m, sh_tot[w][3]);
+        }
+        if (c > 0) {
+            atomicAdd(stats + 0, c);
+            atomicAdd(stats + 1, a);
+            atomicAdd(stats + 2, b);
+            atomic_max_nonneg(stats + 3, m);
+        }
+    }
+    if (CH) {
+        for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+            const float v = sh_ch[j];
+            if (v != 0.f) atomicAdd(channel + j, static_cast<double>(v));
+        }
+    }
+}
+
 template <int DT, bool SHARED>
 __global__ void token_norms_kernel(const void* __restrict__ x, int64_t rows, int64_t cols,
                                    const uint8_t* __restrict__ mask, double* __restrict__ stats,
@@ -75,34 +112,7 @@ __global__ void token_norms_kernel(const void* __restrict__ x, int64_t rows, int
         sumsq += s;
         mx = fmax(mx, n);
     }
-    if (lane == 0) {
-        sh_tot[warp][0] = cnt;
-        sh_tot[warp][1] = sum;
-        sh_tot[warp][2] = sumsq;
-        sh_tot[warp][3] = mx;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        double c = 0, a = 0, b = 0, m = 0;
-        for (int w = 0; w < kWarps; ++w) {
-            c += sh_tot[w][0];
-            a += sh_tot[w][1];
-            b += sh_tot[w][2];
-            m = fmax(m, sh_tot[w][3]);
-        }
-        if (c > 0) {
-            atomicAdd(stats + 0, c);
-            atomicAdd(stats + 1, a);
-            atomicAdd(stats + 2, b);
-            atomic_max_nonneg(stats + 3, m);
-        }
-    }
-    if (SHARED) {
-        for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-            const float v = sh_ch[j];
-            if (v != 0.f) atomicAdd(channel + j, static_cast<double>(v));
-        }
-    }
+    flush_block<SHARED>(sh_tot, lane, warp, cnt, sum, sumsq, mx, stats, sh_ch, cols, channel);
 }
 
 // 16 bytes of a row as floats: 4 float32 or 8 float16 / bfloat16.
@@ -193,32 +203,7 @@ token_norms_vec_kernel(const void* __restrict__ x, int64_t rows, int64_t cols, c
                 if (acc[c][i] != 0.f) atomicAdd(sh_ch + j + i, acc[c][i]);
         }
     }
-    if (lane == 0) {
-        sh_tot[warp][0] = cnt;
-        sh_tot[warp][1] = sum;
-        sh_tot[warp][2] = sumsq;
-        sh_tot[warp][3] = mx;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        double c = 0, a = 0, b = 0, m = 0;
-        for (int w = 0; w < kWarps; ++w) {
-            c += sh_tot[w][0];
-            a += sh_tot[w][1];
-            b += sh_tot[w][2];
-            m = fmax(m, sh_tot[w][3]);
-        }
-        if (c > 0) {
-            atomicAdd(stats + 0, c);
-            atomicAdd(stats + 1, a);
-            atomicAdd(stats + 2, b);
-            atomic_max_nonneg(stats + 3, m);
-        }
-    }
-    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-        const float v = sh_ch[j];
-        if (v != 0.f) atomicAdd(channel + j, static_cast<double>(v));
-    }
+    flush_block<true>(sh_tot, lane, warp, cnt, sum, sumsq, mx, stats, sh_ch, cols, channel);
 }
 
 int sm_count() {
