@@ -13,8 +13,6 @@ work is asynchronous, so every timed body ends with ``torch.cuda.synchronize()``
 
 from __future__ import annotations
 
-import statistics
-
 import torch
 
 from ..core import BenchContext, Figure, Goal, measure
@@ -102,16 +100,15 @@ def run(ctx: BenchContext) -> list[Figure]:
             def check(_o, _p, k=k, refs=refs, errs=errs):
                 # one draw each is a coin flip between two good answers: compare medians over
                 # the same seeds, as the CPU group does (the peer's seed drives torch's CUDA RNG)
-                for side, fn in (("ours", sv.ours), ("lowrank", sv.lowrank)):
-                    errs[side] = [sv.sigma_error(fn(T, B, k, seed=sd).cpu(), refs, k) for sd in seeds]
+                errs["ours"] = sv.seeded_errors(sv.ours, T, B, refs, k, seeds)
+                errs["lowrank"] = sv.seeded_errors(sv.lowrank, T, B, refs, k, seeds)
                 sv.check_errors(errs["ours"], errs["lowrank"], k)
 
             figs.append(measure(fig, _sync(lambda k=k: sv.ours(T, B, k)), _sync(lambda k=k: sv.lowrank(T, B, k)),
                                 check, rounds=rounds, ours_name="truncated_svd (cuda)",
                                 peer_name="torch.svd_lowrank (cuda)"))
             for side, e in errs.items():
-                fig.extra[f"{side}_sigma_k_rel_err"] = {"median": float(f"{statistics.median(e):.4g}"),
-                                                        "max": float(f"{max(e):.4g}"), "seeds": len(e)}
+                fig.extra[f"{side}_sigma_k_rel_err"] = sv.error_summary(e)
             del T, B
             torch.cuda.empty_cache()
 

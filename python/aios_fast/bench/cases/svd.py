@@ -32,7 +32,7 @@ from ..core import BenchContext, CaseFailed, Figure, Goal, measure
 
 __all__ = ["make_pair", "make_single", "lapack_fits", "lapack_sigma", "reference_sigma", "ours", "lowrank",
            "ours_peer_settings", "sklearn_randomized", "full_svd", "ours_single", "lowrank_single",
-           "PAIR_METHODS", "SINGLE_METHODS", "sigma_error", "seeded_errors", "check_sigma", "check_errors",
+           "PAIR_METHODS", "SINGLE_METHODS", "sigma_error", "error_summary", "seeded_errors", "check_sigma", "check_errors",
            "run", "OVERSAMPLE", "POWER_ITERS", "DTYPES", "LIMIT"]
 
 OVERSAMPLE, POWER_ITERS = 10, 2  # the peers' settings
@@ -151,8 +151,14 @@ SINGLE_METHODS: dict[str, Callable[..., torch.Tensor]] = {"ours": ours_single, "
 
 # ------------------------------------------------------------------ checks
 def sigma_error(sigma: torch.Tensor, ref: torch.Tensor, k: int) -> float:
-    """σ_k's relative error against the reference."""
-    return float(abs(sigma.double()[k - 1] - ref[k - 1]) / ref[k - 1])
+    """σ_k's relative error against the reference (``sigma`` on any device)."""
+    return float(abs(sigma.detach().double().cpu()[k - 1] - ref[k - 1]) / ref[k - 1])
+
+
+def error_summary(errors: Sequence[float]) -> dict[str, float]:
+    """A figure's record of seeded σ_k errors: median, maximum, number of starts."""
+    return {"median": float(f"{statistics.median(errors):.4g}"), "max": float(f"{max(errors):.4g}"),
+            "seeds": len(errors)}
 
 
 def seeded_errors(method: Callable[..., torch.Tensor], tuned, base, ref: torch.Tensor, k: int,
@@ -204,8 +210,7 @@ def _versus_lowrank(fig: Figure, kind: str, T, B, ref, k: int, rounds: int, seed
     measure(fig, lambda: mine(T, B, k), lambda: theirs(T, B, k), check, rounds=rounds,
             ours_name="truncated_svd", peer_name="torch.svd_lowrank")
     for side, e in errs.items():
-        fig.extra[f"{side}_sigma_k_rel_err"] = {"median": float(f"{statistics.median(e):.4g}"),
-                                                "max": float(f"{max(e):.4g}"), "seeds": len(e)}
+        fig.extra[f"{side}_sigma_k_rel_err"] = error_summary(e)
     return fig
 
 
