@@ -43,6 +43,18 @@ __device__ __forceinline__ void atomic_max_nonneg(double* addr, double v) {
     atomicMax(reinterpret_cast<unsigned long long*>(addr), static_cast<unsigned long long>(__double_as_longlong(v)));
 }
 
+// One row done: its sum of squares, summed over the warp's lanes, into the warp's token totals
+// (every lane ends with the same totals; lane 0's are the ones flushed).
+__device__ __forceinline__ void add_row(float s, double& cnt, double& sum, double& sumsq, double& mx) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    const double n = sqrt(static_cast<double>(s));
+    cnt += 1;
+    sum += n;
+    sumsq += s;
+    mx = fmax(mx, n);
+}
+
 // The end of both kernels, called by every thread of the block: each warp's token totals go
 // to shared memory and one thread adds the block's to the global stats; then the block's
 // shared channel partials (when it kept them there: CH) are added to global float64.
@@ -104,13 +116,7 @@ __global__ void token_norms_kernel(const void* __restrict__ x, int64_t rows, int
             if (SHARED) atomicAdd(sh_ch + j, q);
             else atomicAdd(channel + j, static_cast<double>(q));
         }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-        const double n = sqrt(static_cast<double>(s));
-        cnt += 1;
-        sum += n;
-        sumsq += s;
-        mx = fmax(mx, n);
+        add_row(s, cnt, sum, sumsq, mx);
     }
     flush_block<SHARED>(sh_tot, lane, warp, cnt, sum, sumsq, mx, stats, sh_ch, cols, channel);
 }
@@ -185,13 +191,7 @@ token_norms_vec_kernel(const void* __restrict__ x, int64_t rows, int64_t cols, c
                 acc[c][i] += q;
                 s += q;
             }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-        const double n = sqrt(static_cast<double>(s));
-        cnt += 1;
-        sum += n;
-        sumsq += s;
-        mx = fmax(mx, n);
+        add_row(s, cnt, sum, sumsq, mx);
     }
     __syncthreads();  // sh_ch zeroed by every thread before any adds into it
 #pragma unroll
