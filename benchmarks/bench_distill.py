@@ -50,8 +50,8 @@ def _distil(demo, teacher, tmp_path):
 
     lib = SkillLibrary(tmp_path / "lib", encoder=demo["encoder"])
     t0 = time.perf_counter()
-    # one held-out split, as `aios-fast evolve` runs it: the cross-fitted gate (the library's
-    # default) would add four trainings to both sides and say nothing about the teachers
+    # one held-out split: the cross-fitted gate (the default) would add four trainings to every
+    # side and say nothing about the teachers
     res = CloudDistiller(demo["encoder"], lib, index=demo["index"], config={"gate_folds": 1}).distill_topic(
         demo["queries"], teacher, skill_name="kestrel")
     seconds = time.perf_counter() - t0

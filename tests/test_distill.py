@@ -118,6 +118,8 @@ def test_judge_question_reasons():
     assert judge_question("Quick Pick items cannot be renewed at all?", passage) == "copied"
     assert judge_question("What is the capital city of Peru today?", passage) == "no_overlap"
     assert judge_question("How " + "very " * 40 + "long?", passage) == "too_long"
+    assert judge_question("I'm sorry, I can't renew. I can't renew. I can't renew. I can't", passage) == "repetitive"
+    assert judge_question("can I renew a reserved item three times in the app?", passage) is None
 
 
 def test_clean_question_handles_untidy_replies():
@@ -318,8 +320,9 @@ def test_studied_heldout_keeps_every_held_passage_in_training(core_index):
     """``gate_heldout="studied"`` asks new questions about passages the card studies: in the single split
     and in every cross-fitted fold, each held-out question's passage keeps training pairs, the
     held-out ICT sentence is not in its passage's answer text, and the folds hold out each
-    eligible question of a multi-pair passage exactly once. "unseen" (the default) holds out whole
-    passages: nothing about them in training."""
+    eligible question of a multi-pair passage exactly once. "questions" (the default) does the same
+    with the teacher questions alone; "unseen" holds out whole passages: nothing about them in
+    training."""
     import random
 
     from aios_fast.errors import InputError
@@ -357,6 +360,19 @@ def test_studied_heldout_keeps_every_held_passage_in_training(core_index):
         assert set(everyone) == {i for i in eligible if ps.pairs[i].passage_ids != ("lonely",)}
         for h, _ in plan:
             assert trained(set(h)) >= {ps.pairs[i].passage_ids[0] for i in h}
+    # "questions" (the default): the teacher questions alone, dealt the same way; no ICT sentence
+    asked = _eligible(ps, "questions")
+    assert {ps.pairs[i].origin for i in asked} == {"teacher"} and len(asked) == len(teacher) + 1
+    held = _studied_heldout(ps, asked, 0.5, random.Random(0))
+    assert held and all(ps.pairs[i].origin == "teacher" for i in held)
+    assert trained(held) >= {ps.pairs[i].passage_ids[0] for i in held}
+    for folds in (2, 4):
+        plan = _fold_plan(ps, folds, "questions", seed=1)
+        everyone = [i for h, _ in plan for i in h]
+        assert sorted(everyone) == [i for i in asked if ps.pairs[i].passage_ids != ("lonely",)]
+        assert all(not excluded for _, excluded in plan)
+        for h, _ in plan:
+            assert trained(set(h)) >= {ps.pairs[i].passage_ids[0] for i in h}
     unseen = _fold_plan(ps, 3, "unseen", seed=1)
     for h, excluded in unseen:
         assert excluded == {ps.pairs[i].passage_ids[0] for i in h}
@@ -366,7 +382,8 @@ def test_studied_heldout_keeps_every_held_passage_in_training(core_index):
             _fold_plan(ps, **{"folds": 3, **bad})
     with pytest.raises(InputError, match="DistillConfig.gate_heldout"):
         DistillConfig(gate_heldout="passages")
-    assert DistillConfig().gate_heldout == "unseen" and DistillConfig().heldout_share == 0.25
+    assert DistillConfig().gate_heldout == "questions" and DistillConfig().heldout_share == 0.33
+    assert DistillConfig(gate_heldout="unseen").heldout_share == 0.25
     assert DistillConfig(gate_heldout="studied").heldout_share == 0.33
     assert DistillConfig(gate_heldout="studied", heldout_fraction=0.5).heldout_share == 0.5
     for bad in (0.0, 1.0, "0.3"):
@@ -476,10 +493,12 @@ def test_local_teacher_card_raises_human_recall(encoder, index, tmp_path, two_th
     gate = rep["gate"]
     assert gate["passed"] and gate["metric"] == "mrr@10" and gate["after"] > gate["before"]
     assert gate["details"]["mrr@10_gain_lower_bound"] > 0.0
-    # cross-fitted: every teacher and ICT question was held out of one fold's card
-    questions = sum(v for k, v in rep["pairs"]["kept"].items() if k in ("teacher", "ict"))
-    assert gate["details"]["cross_fit_folds"] == 4 and gate["n_heldout"] == questions
-    assert gate["details"]["gate_heldout"] == "unseen"
+    # cross-fitted: every teacher question (about a passage with other pairs) was held out of one
+    # fold's card, and only teacher questions: the gate asks what users ask, not ICT sentences
+    questions = rep["pairs"]["kept"]["teacher"]
+    assert gate["details"]["cross_fit_folds"] == 4 and 8 <= gate["n_heldout"] <= questions
+    assert gate["details"]["gate_heldout"] == "questions" and rep["split"]["heldout_by_origin"] == {
+        "teacher": gate["n_heldout"]}
     assert len(rep["folds"]) == 4 and rep["training"]["steps"] > 0
     assert rep["pairs"]["kept"].get("teacher", 0) >= 3       # the tiny teacher contributed
     assert rep["pairs"]["teacher"]["asked"] >= rep["pairs"]["teacher"]["kept"]

@@ -31,12 +31,10 @@ def test_evolve_main_job_end_to_end(tmp_path):
     probes = tmp_path / "probes.txt"
     probes.write_text("how much are late fees for dvds\nhow many ebooks can I have out in shelfwise\n"
                       "when does the central library close on saturday\nhow do I book the heron room\n")
-    # one held-out split (--gate-folds 1, evolve's default): the library's 4-fold cross-fitted gate
-    # costs four more trainings (~+400 s on one thread) and is run on this domain by
-    # test_distill.py::test_local_teacher_card_raises_human_recall; this test is the loop
+    # the defaults: 120 teacher questions, a 4-fold cross-fitted gate on held-out teacher questions
     proc = _run(["--docs", str(DATA / "docs"), "--queries", str(DATA / "queries.txt"),
                  "--probe-queries", str(probes), "--eval", str(DATA / "eval.jsonl"),
-                 "--gate-folds", "1", "--out", str(out), "--json"], tmp_path)
+                 "--out", str(out), "--json"], tmp_path)
     assert proc.returncode in (0, 3), proc.stderr[-4000:]
     rep = json.loads(proc.stdout)
     assert (proc.returncode == 0) == rep["passed"]
@@ -61,6 +59,8 @@ def test_evolve_main_job_end_to_end(tmp_path):
     assert any(j["ok"] and j["tier"] == 2 for j in jobs)
     gate = rep["skill"]["validation"]
     assert gate["passed"] and gate["after"] >= gate["before"] + gate["margin"]
+    assert gate["details"]["gate_heldout"] == "questions" and gate["details"]["cross_fit_folds"] == 4
+    assert gate["details"]["mrr@10_gain_lower_bound"] > 0.0
     assert rep["after"]["probe_confidence"] > rep["before"]["probe_confidence"] + 0.3
     assert rep["after"]["probe_routed"] >= 3
     assert rep["after"]["recall@1"] > rep["before"]["recall@1"]
@@ -71,6 +71,8 @@ def test_evolve_main_job_end_to_end(tmp_path):
 def test_evolve_bad_gate_folds_is_refused_by_name(tmp_path):
     proc = _run(["--gate-folds", "-2", "--out", str(tmp_path / "o")], tmp_path, timeout=120)
     assert proc.returncode == 1 and "--gate-folds" in proc.stderr and "got -2" in proc.stderr, proc.stderr[-2000:]
+    proc = _run(["--teacher-questions", "0", "--out", str(tmp_path / "o")], tmp_path, timeout=120)
+    assert proc.returncode == 1 and "--teacher-questions" in proc.stderr and "got 0" in proc.stderr, proc.stderr[-2000:]
     proc = _run(["--gate-heldout", "both", "--out", str(tmp_path / "o")], tmp_path, timeout=120)
     assert proc.returncode == 2 and "--gate-heldout" in proc.stderr and "'both'" in proc.stderr, proc.stderr[-2000:]
 

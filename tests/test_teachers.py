@@ -268,6 +268,47 @@ def test_local_teacher_generates(local_teacher, one_thread):
         local_teacher.budget = None
 
 
+@pytest.mark.slow
+def test_llama_engine_keeps_only_the_shared_turns(one_thread):
+    """The in-process llama.cpp engine keeps the KV cache of a prompt's earlier turns (a system
+    prompt and few-shot examples) and evaluates only the last one; a reply stays a function of
+    its messages alone: the same conversation asked first, or after others that share those turns
+    and even the start of the last one, gets the same greedy reply."""
+    _needs_llama_cpp()
+    from aios_fast.bundled import smollm2_gguf
+    from aios_fast.evolve.local_llama import LlamaCppEngine
+
+    shots = [{"role": "system", "content": "You write short questions that customers ask a support desk."},
+             {"role": "user", "content": "Fact: Each passenger may bring one suitcase up to 20 kg."},
+             {"role": "assistant", "content": "How heavy can my suitcase be on the ferry?"}]
+    ask = [shots + [{"role": "user", "content": f"Fact: {fact}"}] for fact in (
+        "A membership can be frozen for up to three months a year at no charge.",
+        "A membership can be cancelled online with one month's notice.",
+        "The printer's rear tray holds up to 50 sheets of photo paper.")]
+    first = LlamaCppEngine(smollm2_gguf(), n_threads=1)
+    second = LlamaCppEngine(smollm2_gguf(), n_threads=1)
+    try:
+        alone = first.complete(ask[1], max_tokens=16, temperature=0.0, seed=0)["text"]
+        assert first._kept is not None and len(first._kept) >= 32   # the shared turns were kept
+        for m in (ask[2], ask[0]):
+            second.complete(m, max_tokens=16, temperature=0.0, seed=0)
+        # ask[1] shares more than the earlier turns with ask[0]; only those turns are reused
+        evaluated, real_eval = [], second.llm.eval
+        second.llm.eval = lambda tokens: (evaluated.append(len(tokens)), real_eval(tokens))[1]
+        after = second.complete(ask[1], max_tokens=16, temperature=0.0, seed=0)["text"]
+        whole = second.llm.tokenize(second._formatter(messages=ask[1], add_generation_prompt=True).encode(),
+                                    add_bos=False, special=True)
+        assert evaluated[0] == len(whole) - len(second._kept) > 0
+        assert after == alone and alone
+        # a conversation without earlier turns is evaluated from scratch and drops what was kept
+        second.complete([{"role": "user", "content": "Name a colour."}], max_tokens=4, temperature=0.0, seed=0)
+        assert second._kept is None
+        assert second.complete(ask[1], max_tokens=16, temperature=0.0, seed=0)["text"] == alone
+    finally:
+        first.close()
+        second.close()
+
+
 def test_local_teacher_backend_is_checked_and_chosen():
     with pytest.raises(InputError, match="backend: expected one of auto, llama_cpp, transformers"):
         LocalTeacher(backend="vllm")

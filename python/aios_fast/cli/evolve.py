@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..evolve.distiller import GATE_HELDOUT
 from ._common import add_json_flag, console, print_json
 
 
@@ -40,13 +41,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-teacher", action="store_true", help="document pairs only (inverse cloze, cropping)")
     p.add_argument("--min-support", type=int, default=5, help="unsure queries a topic needs to fire")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gate-folds", type=int, default=1, metavar="K",
-                   help="K >= 2: the gate measures K cross-fitted cards on every question (the library's "
-                        "default, DistillConfig.gate_folds=4), K more trainings: ~7-9 min on 2 cores instead "
-                        "of ~2.5; 1 (default here, well under 10 minutes): one held-out split")
-    p.add_argument("--gate-heldout", choices=("unseen", "studied"), default="unseen",
-                   help="what the gate's held-out questions ask about: passages the card never trained on "
-                        "(default) or new questions about the passages it studies (DistillConfig.gate_heldout)")
+    p.add_argument("--teacher-questions", type=int, default=None, metavar="N",
+                   help="questions to ask the teacher (default: DistillConfig.teacher_questions, 120)")
+    p.add_argument("--gate-folds", type=int, default=None, metavar="K",
+                   help="K >= 2: the gate measures K cross-fitted cards, each trained without the questions "
+                        "it is measured on, then keeps the card trained on all pairs (default: "
+                        "DistillConfig.gate_folds, 4); 1: one held-out split (one training, a weaker gate)")
+    p.add_argument("--gate-heldout", choices=GATE_HELDOUT, default=None,
+                   help="what the gate's held-out questions ask about: 'questions' (default), teacher questions "
+                        "about the documents the skill studies, never trained on; 'unseen', passages the card "
+                        "never trained on; 'studied', teacher questions and inverse-cloze sentences of studied "
+                        "passages (DistillConfig.gate_heldout)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the learning job")
     add_json_flag(p)
     p.set_defaults(func=_run)
@@ -102,10 +107,12 @@ def _evolve(args: argparse.Namespace, threads: int) -> int:
 
     from ..evolve.demo import demo_paths
 
-    if args.gate_folds < 1:
-        from ..errors import InputError
+    from ..errors import InputError
 
+    if args.gate_folds is not None and args.gate_folds < 1:
         raise InputError(f"--gate-folds: expected an int >= 1 (1: one held-out split), got {args.gate_folds}")
+    if args.teacher_questions is not None and args.teacher_questions < 1:
+        raise InputError(f"--teacher-questions: expected an int >= 1, got {args.teacher_questions}")
     demo = demo_paths()
     quiet = bool(args.json)
     con = console()
@@ -182,8 +189,9 @@ def _evolve(args: argparse.Namespace, threads: int) -> int:
 
     distiller = enable_evolution(node, cloud_providers=teacher if teacher else None, docs=docs,
                                  urls=args.url or None, progress=not quiet, on_event=on_event,
-                                 config={"seed": args.seed, "gate_folds": args.gate_folds,
-                                         "gate_heldout": args.gate_heldout})
+                                 config={"seed": args.seed, **{k: v for k, v in (
+                                     ("gate_folds", args.gate_folds), ("gate_heldout", args.gate_heldout),
+                                     ("teacher_questions", args.teacher_questions)) if v is not None}})
     if teacher is False:
         distiller.teacher = None
 

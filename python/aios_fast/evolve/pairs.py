@@ -4,8 +4,10 @@ documents give without any teacher.
 A skill for an encoder is trained on (query, passage) pairs with in-batch negatives. Three
 sources, all of which keep the ids of the passages they came from:
 
-* **Teacher questions** (:func:`teacher_questions`): the teacher is shown one passage and one
-  sentence of it and asked for a question that sentence answers; the *passage* is the answer.
+* **Teacher questions** (:func:`teacher_questions`): the teacher is shown three worked examples
+  (:data:`QUESTION_SHOTS`, facts of unrelated fictional topics turned into users' questions), then
+  one sentence of a passage and its topic words, and asked for the question a customer would ask
+  to get that fact; the *passage* is the answer.
   The bundled teacher has 135M parameters, so it is never asked for facts, only to rephrase what
   it is shown, and every question is judged against its passage (:func:`judge_question`): form
   (length, a question, no "the passage says" meta talk, not a copy of a sentence), lexical
@@ -39,7 +41,8 @@ from typing import Any, Callable, Iterable, Sequence
 from ..errors import InputError
 
 __all__ = ["Pair", "PairSet", "build_pairs", "teacher_questions", "judge_question",
-           "inverse_cloze_pairs", "crop_pairs", "dedup_pairs", "split_sentences", "QUESTION_PROMPT"]
+           "inverse_cloze_pairs", "crop_pairs", "dedup_pairs", "split_sentences", "QUESTION_PROMPT",
+           "QUESTION_SHOTS", "question_messages"]
 
 #: origins of a pair
 ORIGINS = ("teacher", "ict", "crop")
@@ -51,6 +54,36 @@ QUESTION_PROMPT = (
     "Topic: {topic}\n"
     "Fact: {sentence}\n\n"
     "Turn this fact into the question a customer would ask to get it. Reply with the question only.")
+
+#: worked examples shown before each question prompt, about a ferry, a gym and a printer (no fact
+#: of a real topic, so none can leak into a question; a copied one fails the judge's overlap and
+#: answerability checks). Shown these, the 135M teacher writes short questions in a user's words
+#: instead of restating the fact or asking "What's the answer to that?": on the demo domain 77 of
+#: 120 questions passed the judge against 37 without them, and the card trained on them raised
+#: the human-written recall@1 twice as much (BENCHMARKS.md, "Distillation"). They are the same
+#: turns in every prompt, so llama.cpp evaluates them once (``local_llama``).
+QUESTION_SHOTS = (
+    ("ferry, tickets, luggage, terminal, passengers, bags",
+     "Each passenger may bring one suitcase up to 20 kg; extra bags cost 8 euro each at the terminal.",
+     "How much does it cost to take an extra bag on the ferry?"),
+    ("membership, gym, freeze, months, travel, charge",
+     "A membership can be frozen for up to three months a year, for example during travel or illness, at no charge.",
+     "can I pause my gym membership while I'm away?"),
+    ("printer, display, tray, paper, button, error",
+     "If the display shows P-04, open the rear tray, remove any torn paper and press the green button for three seconds.",
+     "my printer says P-04, what do I do?"),
+)
+
+
+def question_messages(topic: str, sentence: str) -> list[dict[str, str]]:
+    """The chat a teacher is asked one question in: the system prompt, the worked examples of
+    :data:`QUESTION_SHOTS` and the fact."""
+    msgs = [{"role": "system", "content": QUESTION_SYSTEM}]
+    for t, fact, question in QUESTION_SHOTS:
+        msgs += [{"role": "user", "content": QUESTION_PROMPT.format(topic=t, sentence=fact)},
+                 {"role": "assistant", "content": question}]
+    return msgs + [{"role": "user", "content": QUESTION_PROMPT.format(topic=topic, sentence=sentence)}]
+
 
 _SENT_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])|\n+")
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'\-]*")
@@ -280,8 +313,8 @@ def judge_question(question: str, passage_text: str, sentences: Sequence[str] | 
                    min_words: int = 4, max_words: int = 32, min_overlap: int = 1,
                    copy_jaccard: float = 0.8) -> str | None:
     """The form and lexical checks of a teacher question against its passage: ``None`` if it
-    passes, else the reason (``empty``, ``too_short``, ``too_long``, ``not_a_question``, ``meta``,
-    ``copied``, ``no_overlap``). Encoder checks (``off_topic``, ``unanswerable``) are done in
+    passes, else the reason (``empty``, ``too_short``, ``too_long``, ``not_a_question``,
+    ``repetitive``, ``meta``, ``copied``, ``no_overlap``). Encoder checks (``off_topic``, ``unanswerable``) are done in
     batch by :func:`teacher_questions`."""
     q = question.strip()
     if not q:
@@ -293,6 +326,8 @@ def judge_question(question: str, passage_text: str, sentences: Sequence[str] | 
         return "too_long"
     if not (q.endswith("?") or _QUESTION_START.match(q)):
         return "not_a_question"
+    if len(w) >= 8 and len(set(w)) < 0.5 * len(w):   # a small model's loop ("I'm not a ... I'm not a ...")
+        return "repetitive"
     if _META.search(q):
         return "meta"
     cq = _content(q)
@@ -340,11 +375,9 @@ def teacher_questions(passages: Sequence[Any], teacher: Any, encoder: Any, *, pe
             if max_requests is not None and out.asked >= max_requests:
                 stop = True
                 break
-            prompt = QUESTION_PROMPT.format(topic=_topic(text), sentence=sentence)
             out.asked += 1
             try:
-                reply = teacher.complete([{"role": "system", "content": QUESTION_SYSTEM},
-                                          {"role": "user", "content": prompt}],
+                reply = teacher.complete(question_messages(_topic(text), sentence),
                                          max_tokens=max_tokens, temperature=temperature)
             except TeacherError as exc:
                 out.teacher_errors.append(f"{type(exc).__name__}: {str(exc)[:300]}")
