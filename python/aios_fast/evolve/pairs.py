@@ -58,10 +58,10 @@ QUESTION_PROMPT = (
 #: worked examples shown before each question prompt, about a ferry, a gym and a printer (no fact
 #: of a real topic, so none can leak into a question; a copied one fails the judge's overlap and
 #: answerability checks). Shown these, the 135M teacher writes short questions in a user's words
-#: instead of restating the fact or asking "What's the answer to that?": on the demo domain 77 of
-#: 120 questions passed the judge against 37 without them, and the card trained on them raised
-#: the human-written recall@1 twice as much (BENCHMARKS.md, "Distillation"). They are the same
-#: turns in every prompt, so llama.cpp evaluates them once (``local_llama``).
+#: instead of restating the fact or asking "What's the answer to that?": 72-82 of 120 questions
+#: passed the judge on both domains against 23-37 without them, and the cards trained on them
+#: helped users at least as much (BENCHMARKS.md, "Distillation"). They are the same turns in
+#: every prompt, so llama.cpp evaluates them once (``local_llama``).
 QUESTION_SHOTS = (
     ("ferry, tickets, luggage, terminal, passengers, bags",
      "Each passenger may bring one suitcase up to 20 kg; extra bags cost 8 euro each at the terminal.",
@@ -314,8 +314,8 @@ def judge_question(question: str, passage_text: str, sentences: Sequence[str] | 
                    copy_jaccard: float = 0.8) -> str | None:
     """The form and lexical checks of a teacher question against its passage: ``None`` if it
     passes, else the reason (``empty``, ``too_short``, ``too_long``, ``not_a_question``,
-    ``repetitive``, ``meta``, ``copied``, ``no_overlap``). Encoder checks (``off_topic``, ``unanswerable``) are done in
-    batch by :func:`teacher_questions`."""
+    ``repetitive``, ``meta``, ``copied``, ``no_overlap``). Encoder checks (``off_topic``,
+    ``unanswerable``) are done in batch by :func:`teacher_questions`."""
     q = question.strip()
     if not q:
         return "empty"
