@@ -391,6 +391,21 @@ def test_studied_heldout_keeps_every_held_passage_in_training(core_index):
             DistillConfig(heldout_fraction=bad)
 
 
+def test_questions_gate_falls_back_to_unseen_without_teacher_questions(encoder):
+    """``gate_heldout="questions"`` needs teacher questions; document pairs alone (no teacher) are
+    gated on unseen passages instead, and any other choice is kept as it is."""
+    from aios_fast.evolve.distiller import CloudDistiller
+    from aios_fast.evolve.pairs import Pair, PairSet
+
+    d = CloudDistiller(encoder)
+    docs_only = PairSet(pairs=[Pair("a sentence of the passage", "the passage", ("p",), "ict")])
+    assert d.config.gate_heldout == "questions" and d._gate_config(docs_only).gate_heldout == "unseen"
+    assert d.config.gate_heldout == "questions"          # the distiller's own config is left alone
+    asked = PairSet(pairs=docs_only.pairs + [Pair("what does the passage say?", "the passage", ("p",), "teacher")])
+    assert d._gate_config(asked) is d.config
+    assert CloudDistiller(encoder, config={"gate_heldout": "studied"})._gate_config(docs_only).gate_heldout == "studied"
+
+
 def test_gate_folds_is_validated():
     from aios_fast.errors import InputError
     from aios_fast.evolve.distiller import DistillConfig
