@@ -69,6 +69,10 @@ def test_evolve_main_job_end_to_end(tmp_path):
 
 
 def test_evolve_bad_gate_folds_is_refused_by_name(tmp_path):
+    from aios_fast.cli import evolve as cli_evolve
+    from aios_fast.evolve import distiller
+
+    assert sorted(cli_evolve.GATE_HELDOUT) == sorted(distiller.GATE_HELDOUT)
     proc = _run(["--gate-folds", "-2", "--out", str(tmp_path / "o")], tmp_path, timeout=120)
     assert proc.returncode == 1 and "--gate-folds" in proc.stderr and "got -2" in proc.stderr, proc.stderr[-2000:]
     proc = _run(["--teacher-questions", "0", "--out", str(tmp_path / "o")], tmp_path, timeout=120)
