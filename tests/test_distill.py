@@ -296,7 +296,7 @@ def test_gate_refuses_a_card_that_does_not_help(encoder, core_index):
 
     wrong = [(p.query, elsewhere(i)) for i, p in enumerate(held)]
     assert all(a != p.answer for (_, a), p in zip(wrong, held))
-    d = CloudDistiller(encoder, config=DistillConfig(), index=index)
+    d = CloudDistiller(encoder, config=DistillConfig(gate_statistic="mrr"), index=index)
     distractors = [p.answer for p in train]
     card, _ = LoRATrainer(encoder).train(wrong, rank=4, epochs=4, lr=1e-2, batch_size=8, seed=0,
                                          name="bad", progress=False)
@@ -310,10 +310,13 @@ def test_gate_refuses_a_card_that_does_not_help(encoder, core_index):
     assert det["heldout_passages"] == len({p.passage_ids[0] for p in held})
     assert det["loss_after"] > det["loss_before"]           # the wrong answers really hurt
     assert gate["after"] < gate["before"]
-    # the loss statistic refuses it too
-    d.config = DistillConfig(gate_statistic="loss")
+    # the default statistic, the held-out loss, refuses it too
+    d.config = DistillConfig()
+    assert d.config.gate_statistic == "loss"
+    report = {"timings": {}, "stages": []}
     with pytest.raises(_NoCard, match="bootstrap lower bound of the reduction"):
-        d._gate(card, held, distractors, {"timings": {}, "stages": []})
+        d._gate(card, held, distractors, report)
+    assert report["gate"]["details"]["loss_reduction_lower_bound"] < 0.0
 
 
 def test_studied_heldout_keeps_every_held_passage_in_training(core_index):
@@ -476,7 +479,11 @@ def test_cross_fitted_gate_holds_out_every_question_once(encoder, core_index):
     _table(con, {"before": {"probe_confidence": 0.5}, "after": {"probe_confidence": 0.5},
                  "learning": {"jobs": [{"gate": refused, "reason": "refused"}]}}, has_eval=False)
     text = con.export_text()
-    assert "3-fold cross-fitted mrr@10" in text and "REFUSED" in text
+    assert "3-fold cross-fitted mrr@10 (unseen passages)" in text and "REFUSED" in text
+    # the default loss rule shows the loss and its bound, and labels the MRR@10 bound as not deciding
+    assert refused["details"]["gate_statistic"] == "loss"
+    assert "3-fold cross-fitted contrastive loss" in text and "loss reduction" in text
+    assert "(reported; its mean must not fall)" in text
     assert "not measured (no card trained)" in text
 
 
@@ -502,12 +509,14 @@ def test_local_teacher_card_raises_human_recall(encoder, index, tmp_path, two_th
     g = rep.get("gate") or {}
     print(f"\nmarrowby distill: {res.reason or 'kept'}; split {rep.get('split')}; gate {g.get('metric')} "
           f"{g.get('before', float('nan')):.3f} -> {g.get('after', float('nan')):.3f}, "
-          f"bootstrap LB {(g.get('details') or {}).get('mrr@10_gain_lower_bound')}, drift {g.get('drift')}")
+          f"bootstrap LB mrr {(g.get('details') or {}).get('mrr@10_gain_lower_bound')}, loss "
+          f"{(g.get('details') or {}).get('loss_reduction_lower_bound')}, drift {g.get('drift')}")
     assert rep["pairs"]["teacher"]["asked"] > 0 and "gate" in rep
     assert res.ok, rep.get("reason")
     gate = rep["gate"]
     assert gate["passed"] and gate["metric"] == "mrr@10" and gate["after"] > gate["before"]
-    assert gate["details"]["mrr@10_gain_lower_bound"] > 0.0
+    # the default statistic: the held-out loss falls beyond noise and MRR@10 does not fall
+    assert gate["details"]["gate_statistic"] == "loss" and gate["details"]["loss_reduction_lower_bound"] > 0.0
     # cross-fitted: every teacher question (about a passage with other pairs) was held out of one
     # fold's card, and only teacher questions: the gate asks what users ask, not ICT sentences
     questions = rep["pairs"]["kept"]["teacher"]

@@ -72,6 +72,7 @@ def test_tier3_extracts_the_stronger_models_skill(encoder, stronger, tmp_path):
     assert out.tier == 3, out.report
     gate = tiers["3"]["gate"]
     assert gate["passed"] and gate["after"] > gate["before"]
+    assert gate["details"]["gate_statistic"] == "loss" and gate["details"]["loss_reduction_lower_bound"] > 0.0
     assert gate["details"]["mrr@10_gain_lower_bound"] > 0.0
     entry = out.entry
     assert entry.origin == "extracted" and entry.passed and node.library.get(entry.name).key == entry.key
