@@ -20,10 +20,11 @@ from typing import Any
 
 from ._common import add_json_flag, console, print_json
 
-# DistillConfig's GATE_HELDOUT, spelt out as the other subcommands spell their choices: importing
-# the distiller here put it (~50 ms by -X importtime) into every subcommand's start-up
-# (tests/test_evolve_cli.py checks that the two agree)
-GATE_HELDOUT = ("questions", "unseen", "studied")
+# DistillConfig's GATE_HELDOUT with the results table's name for each, spelt out as the other
+# subcommands spell their choices: importing the distiller here put it (~50 ms by -X importtime)
+# into every subcommand's start-up (tests/test_evolve_cli.py checks that the two agree)
+HELDOUT_LABELS = {"questions": "teacher questions", "unseen": "unseen passages", "studied": "teacher + ICT"}
+GATE_HELDOUT = tuple(HELDOUT_LABELS)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -344,8 +345,7 @@ def _table(con, report: dict, has_eval: bool) -> None:
         verdict = "passed" if gate["passed"] else "REFUSED"
         det = gate.get("details") or {}
         how = f"{det['cross_fit_folds']}-fold cross-fitted" if det.get("cross_fit_folds") else "held-out"
-        asked = {"questions": "teacher questions", "unseen": "unseen passages",
-                 "studied": "teacher + ICT"}.get(det.get("gate_heldout"), "held-out")
+        asked = HELDOUT_LABELS.get(det.get("gate_heldout"), "held-out")
         t.add_row(f"gate ({verdict}): {how} {gate['metric']} ({asked})", f"{gate['before']:.3f}", f"{gate['after']:.3f}")
         if "mrr@10_gain_lower_bound" in det:
             t.add_row(f"gate: {how} recall@1 ({gate.get('n_heldout', '?')} q)",
