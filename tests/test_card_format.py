@@ -220,6 +220,49 @@ def test_golden_v2_exact_values_and_byte_stable_write(tmp_path):
         assert a == path.read_bytes()
 
 
+def test_cards_with_the_older_sha256_checksum_still_verify(tmp_path):
+    """golden_v2_sha256 is byte for byte the v2 golden aios-fast wrote before XXH3."""
+    path = DATA / "golden_v2_sha256.lora.arrow"
+    info = LoRAFormat.inspect(path)
+    assert info["checksum"] == "ok" and info["checksum_value"].startswith("sha256:")
+    assert LoRAFormat.load(path).equal(golden.expected_v2())
+    again = LoRAFormat.save(golden.expected_v2(), tmp_path / "s.lora.arrow", checksum="sha256")
+    assert LoRAFormat.inspect(again)["checksum_value"] == info["checksum_value"]
+    assert LoRAFormat.inspect(DATA / "golden_v2.lora.arrow")["checksum_value"].startswith("xxh3-128:")
+    with pytest.raises(CardFormatError, match=r"checksum must be one of xxh3-128, sha256, got 'md5'"):
+        LoRAFormat.save(golden.expected_v2(), tmp_path / "m.lora.arrow", checksum="md5")
+
+
+def test_xxh3_checksum_is_the_documented_stream(tmp_path):
+    """The xxh3-128 checksum rebuilt from docs/card-format.md section 5, independently of the
+    writer: the row fields of every row, then all A bytes, then all B bytes, then metadata."""
+    import struct
+
+    import xxhash
+
+    card = make_card(torch.bfloat16, ranks=(4, 3, 2))
+    path = LoRAFormat.save(card, tmp_path / "x.lora.arrow")
+    table = ipc.open_file(str(path)).read_all()
+    meta = table.schema.metadata
+    rows = table.to_pylist()
+
+    def field(b: bytes) -> bytes:
+        return struct.pack("<Q", len(b)) + b
+
+    stream = b"aios-lora-arrow-v2/xxh3-128"
+    for r in rows:
+        stream += field(r["module"].encode()) + field(r["dtype_a"].encode()) + field(r["dtype_b"].encode())
+        for shape in (r["shape_a"], r["shape_b"]):
+            stream += struct.pack("<I", len(shape)) + b"".join(struct.pack("<q", d) for d in shape)
+        stream += struct.pack("<qd", r["rank"], r["alpha"])
+        stream += struct.pack("<QQ", len(r["weight_a"]), len(r["weight_b"]))
+    stream += b"".join(r["weight_a"] for r in rows) + b"".join(r["weight_b"] for r in rows)
+    for k in sorted(meta):
+        if k != b"aios_checksum":
+            stream += field(k) + field(meta[k])
+    assert meta[b"aios_checksum"].decode() == "xxh3-128:" + xxhash.xxh3_128(stream).hexdigest()
+
+
 # ---------------------------------------------------------------------- zero copy
 def _mapped_region(path: Path) -> list[tuple[int, int]]:
     regions = []

@@ -23,7 +23,7 @@ from aios_fast.cards._reader import is_strict, strict
 HOSTILE = Path(__file__).parent / "data" / "cards" / "hostile"
 FILES = sorted(HOSTILE.glob("*.lora.arrow"))
 # defects only the checksum or the value scan can see; verify=False trusts them by design
-CONTENT_ONLY = {"flipped_tensor_byte", "flipped_metadata_byte", "checksum_mismatch",
+CONTENT_ONLY = {"flipped_tensor_byte", "flipped_tensor_byte_sha256", "flipped_metadata_byte", "checksum_mismatch",
                 "nan_values", "inf_values"}
 _ROW = r"row 0 \(module '[^']+'\): "
 #: file -> the reason it must be refused for (a regex searched in the message)
@@ -48,7 +48,8 @@ REASONS = {
     "empty_lora_name": r"card name must be a non-empty string, got ''",
     "empty_module_name": r"row 0 \(module ''\): module name is empty",
     "flipped_metadata_byte": r"checksum mismatch",
-    "flipped_tensor_byte": r"checksum mismatch",
+    "flipped_tensor_byte": r"checksum mismatch: file says xxh3-128:[0-9a-f]{32}, content hashes to xxh3-128:",
+    "flipped_tensor_byte_sha256": r"checksum mismatch: file says sha256:[0-9a-f]{64}, content hashes to sha256:",
     "footer_length_huge": r"Arrow footer length 2147483647 does not fit",
     "footer_length_negative": r"Arrow footer length -5 does not fit",
     "huge_declared_shape": _ROW + r"shape_a \[2147483647, 2147483647\] x float32 needs \d+ bytes but",

@@ -111,10 +111,12 @@ def _read_checked(path: Path, verify: bool, defer_checksum: bool = False) -> dic
     if version == 2:
         if stored is None:
             raise _Bad(f"v2 card has no {spec.KEY_CHECKSUM} key")
-        if not stored.startswith(spec.CHECKSUM_ALGO + ":"):
-            raise _Bad(f"checksum {stored[:40]!r} uses an unknown algorithm; expected {spec.CHECKSUM_ALGO}")
+        algo = stored.partition(":")[0]
+        if algo not in spec.CHECKSUM_ALGOS:
+            raise _Bad(f"checksum {stored[:40]!r} uses an unknown algorithm; expected one of "
+                       f"{', '.join(spec.CHECKSUM_ALGOS)}")
         if verify:
-            job = functools.partial(spec.checksum, rows.checksum_items(memoryview(mm)), raw_meta)
+            job = rows.checksum_job(memoryview(mm), raw_meta, algo)
             if defer_checksum:
                 status = "pending"
             else:
@@ -320,6 +322,16 @@ class _Rows:
                  "shape_a": tuple(a), "shape_b": tuple(b)}
                 for m, r, al, da, db, a, b in zip(self.modules, self.rank, self.alpha, self.dtype["a"],
                                                   self.dtype["b"], self.shape["a"], self.shape["b"])]
+
+    def checksum_job(self, mv: memoryview, raw_meta: dict[bytes, bytes], algo: str) -> functools.partial:
+        """A call computing the card's ``algo`` checksum over ``mv`` (the mapping), no copy."""
+        if algo == "sha256":
+            return functools.partial(spec.checksum, self.checksum_items(mv), raw_meta, "sha256")
+        # xxh3-128 hashes each side's tensors as the one span Arrow stores them in
+        headers = zip(self.modules, self.dtype["a"], self.dtype["b"], self.shape["a"], self.shape["b"],
+                      self.rank, self.alpha, self.nbytes("a"), self.nbytes("b"))
+        a, b = (mv[slice(*self.span(side))] for side in ("a", "b"))
+        return functools.partial(spec.checksum_xxh3, headers, (a,), (b,), raw_meta)
 
     def checksum_items(self, mv: memoryview) -> list[tuple]:
         """The rows as ``spec.checksum`` takes them, tensors as views of ``mv`` (no copy)."""

@@ -46,7 +46,8 @@ class LoRAFormat:
 
     # ------------------------------------------------------------------ writing
     @staticmethod
-    def save(card: LoRACard, path: str | os.PathLike, version: int = 2) -> Path:
+    def save(card: LoRACard, path: str | os.PathLike, version: int = 2,
+             checksum: str = spec.CHECKSUM_ALGO) -> Path:
         """Write ``card`` to ``path`` atomically and return the path.
 
         Args:
@@ -58,11 +59,16 @@ class LoRAFormat:
                 or per-module alpha, and refuses such cards rather than losing information;
                 the naming scheme and fingerprint go into ``aios_*`` metadata keys, which
                 ArrowEngine reads as free metadata.
+            checksum: the v2 checksum's algorithm: ``"xxh3-128"`` (default) or ``"sha256"``,
+                which aios-fast readers from before 2026-12-06 need (they refuse xxh3-128 as
+                an unknown algorithm). Readers verify either.
         """
         if version not in (1, 2):
             raise CardFormatError(f"card version must be 1 or 2, got {version!r}")
+        if checksum not in spec.CHECKSUM_ALGOS:
+            raise CardFormatError(f"checksum must be one of {', '.join(spec.CHECKSUM_ALGOS)}, got {checksum!r}")
         card.validate()
-        table = _to_table(card, version)
+        table = _to_table(card, version, checksum)
 
         def write(f) -> None:
             with ipc.new_file(f, table.schema, options=ipc.IpcWriteOptions(compression=None)) as w:
@@ -86,12 +92,13 @@ class LoRAFormat:
                 truncated, inconsistent or hostile.
         """
         parsed = _read(path if isinstance(path, Path) else Path(path), verify=verify, defer_checksum=True)
-        # The hash runs on a worker thread (hashlib releases the GIL on large buffers) while
-        # this thread builds and value-scans the card; no tensor leaves before both are done.
+        # A large card's SHA-256 (cards written before XXH3) runs on a worker thread (hashlib
+        # releases the GIL on large buffers) while this thread builds and value-scans the card;
+        # no tensor leaves before both are done. XXH3 runs at memory speed and small cards hash
+        # inline: handing them to a thread cost more (queue and wake-up) than hashing them here.
         job = parsed["checksum_job"]
-        # Small cards hash inline: handing a few hundred KiB to a thread cost more (queue and
-        # wake-up, worse on a loaded machine) than hashing them here.
-        inline = job is not None and parsed["rows"].tensor_bytes() < _INLINE_HASH_BYTES
+        inline = job is not None and (not parsed["checksum_stored"].startswith("sha256:")
+                                      or parsed["rows"].tensor_bytes() < _INLINE_HASH_BYTES)
         pending = _hash_pool().submit(job) if job is not None and not inline else None
         # The value scan, over each tensor column's values buffer at once instead of tensor by
         # tensor (a small card's verify time was mostly per-tensor calls); only when it finds a
@@ -206,7 +213,7 @@ def _binary_column(tensors: list[torch.Tensor]) -> pa.Array:
                                  [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)])
 
 
-def _to_table(card: LoRACard, version: int) -> pa.Table:
+def _to_table(card: LoRACard, version: int, checksum: str = spec.CHECKSUM_ALGO) -> pa.Table:
     keys = card.modules
     A = [card.weights_A[k] for k in keys]
     B = [card.weights_B[k] for k in keys]
@@ -255,7 +262,7 @@ def _to_table(card: LoRACard, version: int) -> pa.Table:
         bmeta = {k.encode(): v.encode() for k, v in meta.items()}
         rows = zip(keys, dta, dtb, [tuple(t.shape) for t in A], [tuple(t.shape) for t in B],
                    ranks, alphas, _row_bytes(cols[1]), _row_bytes(cols[2]))
-        meta[spec.KEY_CHECKSUM] = spec.checksum(rows, bmeta)
+        meta[spec.KEY_CHECKSUM] = spec.checksum(rows, bmeta, checksum)
         names = spec.V2_COLUMNS
     _check_limits(card, meta)
     schema = pa.schema([pa.field(n, t) for n, t in names], metadata=meta)

@@ -156,6 +156,10 @@ def make_hostile() -> list[str]:
     flipped = bytearray(golden)
     flipped[at + 5] ^= 0x40
     raw["flipped_tensor_byte.lora.arrow"] = bytes(flipped)
+    old = (HERE / "golden_v2_sha256.lora.arrow").read_bytes()
+    flipped = bytearray(old)
+    flipped[old.index(a0) + 5] ^= 0x40
+    raw["flipped_tensor_byte_sha256.lora.arrow"] = bytes(flipped)
     flipped = bytearray(golden)
     # the footer's copy of the schema (the one readers use; the stream's copy is ignored)
     flipped[golden.rindex(b"golden v2 card") + 3] ^= 0x01  # description metadata
@@ -269,6 +273,8 @@ def main() -> int:
 
     arrowengine_save(expected_v1(), HERE / "golden_v1.lora.arrow")
     LoRAFormat.save(expected_v2(), HERE / "golden_v2.lora.arrow")
+    # the same card as aios-fast wrote v2 cards before XXH3: readers still verify it
+    LoRAFormat.save(expected_v2(), HERE / "golden_v2_sha256.lora.arrow", checksum="sha256")
     names = make_hostile()
     (HERE / "golden.json").write_text(json.dumps(
         {"pyarrow": pa.__version__, "hostile": names}, indent=2) + "\n")
