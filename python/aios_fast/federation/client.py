@@ -15,15 +15,15 @@ import json
 import os
 import sys
 import tempfile
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from ._pool import workers
 from .errors import FederationError, ManifestError
 from .manifest import Manifest, check_card_id
 from .server import CHUNK_BYTES, CHUNK_SCHEMA, REVOKE_TAG
@@ -190,7 +190,7 @@ class FederationClient:
                                 f"{manifest.id[:12]}; transfer stopped")
                         if pending is not None:
                             pending.result()
-                        pending = _workers().submit(consume, piece, offset)
+                        pending = workers().submit(consume, piece, offset)
                 if pending is not None:
                     pending.result()
                 if total < limit:
@@ -267,19 +267,6 @@ class FederationClient:
 
 
 # ---------------------------------------------------------------------- receiving helpers
-def _workers() -> ThreadPoolExecutor:
-    """Threads that hash and write received chunks (and fsync admitted cards). Kept for the
-    process (one pool per pid: a forked child gets its own), since starting a thread per fetch
-    cost milliseconds on a loaded machine. Each fetch keeps at most one chunk in flight, so
-    fetches share the pool without reordering their bytes."""
-    return _pool_of(os.getpid())
-
-
-@lru_cache(maxsize=1)
-def _pool_of(pid: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="aios-fetch")
-
-
 def _pieces(batch: pa.RecordBatch):
     """The non-null values of a chunk batch's binary column, as zero-copy memoryviews."""
     col = batch.column(0)

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from .._atomic import fsync_dir
 from ..errors import InputError, SkillRejectedError
-from .client import FederationClient, _workers
+from ._pool import workers
+from .client import FederationClient
 from .errors import FederationError, ManifestError, TrustError
 from .manifest import LIMITS as MANIFEST_LIMITS
 from .manifest import Manifest, card_id, is_card_id
@@ -359,7 +360,7 @@ class FederationManager:
         fetched = self.client(remote.peer).fetch(m, self.quarantine.directory)
         # The quarantine's file is the one kept (moved, never copied): it is made durable while
         # the quarantine checks it (the checks use the CPU, the fsync waits on the disk).
-        durable = _workers().submit(_fsync_file, fetched.path)
+        durable = workers().submit(_fsync_file, fetched.path)
         try:
             admitted = self.quarantine.check(fetched)
         except BaseException:
