@@ -21,15 +21,15 @@ def _anon_huge_kib() -> int:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_large_buffer_is_a_writable_contiguous_tensor(dtype):
-    t = empty_scratch((1024, 3000), dtype)
-    assert t.shape == (1024, 3000) and t.dtype == dtype and t.is_contiguous()
+    t = empty_scratch((1024, 9000), dtype)  # 35 MiB in float32: over the fallback threshold
+    assert t.shape == (1024, 9000) and t.dtype == dtype and t.is_contiguous()
     t.fill_(2.5)
     t[7, 11] = -1.0
-    assert float(t.sum()) == pytest.approx(2.5 * (1024 * 3000 - 1) - 1.0)
+    assert float(t.sum()) == pytest.approx(2.5 * (1024 * 9000 - 1) - 1.0)
 
 
 def test_small_and_unsupported_requests_fall_back_to_torch_empty():
-    for shape, dtype in (((16, 16), torch.float32), ((2048, 4096), torch.bfloat16)):
+    for shape, dtype in (((16, 16), torch.float32), ((2048, 2048), torch.float32), ((2048, 4096), torch.bfloat16)):
         t = empty_scratch(shape, dtype)
         assert t.shape == shape and t.dtype == dtype
         t.zero_()

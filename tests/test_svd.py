@@ -280,9 +280,11 @@ def test_single_matrix_views_and_large_magnitudes():
     # squares beyond float32's range: ‖M‖²_F is still finite (float64 fallback), σ still right
     big = planted(120, 80, 1e21 * 0.7 ** torch.arange(80, dtype=torch.float64), seed=5, dtype=torch.float32)
     assert not torch.isfinite(torch.linalg.vector_norm(big)), "the case must overflow a float32 sum"
-    res = truncated_svd(big, 5)
-    np.testing.assert_allclose(res.S.double().numpy(), lapack(big)[1][:5], rtol=1e-4)
-    assert res.frob_sq == pytest.approx(float((big.double() ** 2).sum()), rel=1e-6)
+    for p in (8, 16, 24):  # the Krylov step's M·(MᵀQ) ~ σ₁² overflows float32 unless scaled
+        res = truncated_svd(big, 5, oversample=p)
+        np.testing.assert_allclose(res.S.double().numpy(), lapack(big)[1][:5], rtol=1e-4)
+        assert res.frob_sq == pytest.approx(float((big.double() ** 2).sum()), rel=1e-6)
+        assert res.sketch_S.numel() > -(-(5 + p) // 8) * 8, "the Krylov step was cut short"
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
@@ -291,3 +293,27 @@ def test_single_matrix_with_nan_or_inf_raises_input_error(bad):
     x[5, 7] = bad
     with pytest.raises(InputError, match="NaN or Inf"):
         truncated_svd(x, 3)
+
+
+def test_new_krylov_directions_direct_and_rank_revealing_paths():
+    """A well-conditioned new block is orthonormalised directly (every direction kept); a block
+    with a direction whose share outside the earlier basis is rounding-level goes through the
+    rank-revealing path, which drops it. Both come back orthonormal and orthogonal to Qprev."""
+    from aios_fast.linalg import _new_directions
+
+    g = torch.Generator().manual_seed(5)
+    basis = torch.linalg.qr(torch.randn(500, 13, generator=g))[0]
+    Qprev, a, b = basis[:, :10], basis[:, 10], basis[:, 11]
+
+    def check(Q, width):
+        assert Q.shape == (500, width)
+        torch.testing.assert_close(Q.T @ Q, torch.eye(width), rtol=0, atol=1e-6)
+        assert float((Qprev.T @ Q).abs().max()) < 1e-6
+
+    check(_new_directions(Qprev, torch.randn(500, 8, generator=g)), 8)
+    # columns 1 and 3 are new (a, b); column 2 is Qprev's own direction plus 1e-6 of b
+    K = torch.stack([Qprev[:, 0] + a, Qprev[:, 1] + 1e-6 * b, Qprev[:, 2] + 0.5 * b], 1)
+    Q = _new_directions(Qprev, K)
+    check(Q, 2)
+    torch.testing.assert_close(Q @ Q.T, torch.outer(a, a) + torch.outer(b, b), rtol=0, atol=1e-5)
+    assert _new_directions(Qprev, Qprev[:, :4] @ torch.randn(4, 3, generator=g)) is None

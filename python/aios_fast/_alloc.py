@@ -16,7 +16,11 @@ import torch
 
 __all__ = ["empty_scratch"]
 
-_MIN_BYTES = 8 << 20  # below this the page faults do not matter
+# Below 32 MiB (glibc's largest dynamic mmap threshold on 64-bit) the default allocator serves
+# a freed buffer's pages again, so a repeated call faults nothing; a fresh huge-page mapping
+# there cost 5-30 ms for 16 MiB on the reference VM (huge-page faults and zeroing), against
+# 4-5 ms for the whole first sketch pass on reused pages.
+_MIN_BYTES = 32 << 20
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
 
