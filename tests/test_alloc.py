@@ -46,3 +46,38 @@ def test_buffer_is_backed_by_huge_pages():
     # unaligned head and tail, or what it cannot compact on a fragmented host, in small pages.
     assert gained >= 8 * 1024, f"only {gained} KiB of the 64 MiB buffer in huge pages"
     del t
+
+
+def test_scratch_pool_reuses_by_shape_and_keeps_at_most_its_budget():
+    from aios_fast._alloc import ScratchPool
+
+    pool = ScratchPool(max_bytes=3 * 1024 * 1024 * 4)  # three 1024² float32 buffers
+    a = pool.take((1024, 1024), torch.float32)
+    pool.give(a)
+    assert pool.take((1024, 1024), torch.float32) is a          # the same buffer again
+    assert pool.take((1024, 1024), torch.float32) is not a      # a was handed out: a new one
+    bufs = [pool.take((1024, 1024), torch.float32) for _ in range(5)]
+    for b in bufs:
+        pool.give(b)
+    assert pool.kept_bytes == 3 * 1024 * 1024 * 4                  # the budget, not five buffers
+    assert pool.take((1024, 1024), torch.float32) is bufs[-1]    # most recently returned first
+    assert pool.take((512, 2048), torch.float32).shape == (512, 2048)  # other shapes: fresh
+    pool.clear()
+    assert pool.kept_bytes == 0
+
+
+def test_truncated_svd_returns_its_delta_to_the_pool_and_results_do_not_alias_it():
+    from aios_fast import linalg
+
+    linalg.free_scratch()
+    g = torch.Generator().manual_seed(0)
+    T, B = torch.randn(300, 200, generator=g).bfloat16(), torch.randn(300, 200, generator=g).bfloat16()
+    first = linalg.truncated_svd((T, B), 4, materialize=True)
+    (kept,) = linalg.SCRATCH._free
+    assert kept.shape == (300, 200) and kept.dtype == torch.float32
+    U, S = first.U.clone(), first.S.clone()
+    kept.fill_(float("nan"))                                     # the next call may overwrite it
+    assert torch.equal(first.U, U) and torch.equal(first.S, S)
+    again = linalg.truncated_svd((T, B), 4, materialize=True)
+    assert linalg.SCRATCH._free == [kept] and torch.equal(again.S, S)  # reused, same answer
+    assert linalg.free_scratch() == 300 * 200 * 4 and linalg.SCRATCH.kept_bytes == 0

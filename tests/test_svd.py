@@ -250,9 +250,9 @@ def test_single_float32_matrix_agrees_with_the_pair_path(monkeypatch):
     from aios_fast import linalg
 
     seen = []
-    call, scratch = linalg.backends.call, linalg.empty_scratch
+    call, take = linalg.backends.call, linalg.SCRATCH.take
     monkeypatch.setattr(linalg.backends, "call", lambda op, *a, **kw: (seen.append(op), call(op, *a, **kw))[1])
-    monkeypatch.setattr(linalg, "empty_scratch", lambda *a, **kw: (seen.append("copy"), scratch(*a, **kw))[1])
+    monkeypatch.setattr(linalg.SCRATCH, "take", lambda *a, **kw: (seen.append("copy"), take(*a, **kw))[1])
     A = planted(300, 200, 0.8 ** torch.arange(200, dtype=torch.float64), seed=6, dtype=torch.float32)
     one = truncated_svd(A, 12, seed=2)
     assert "delta_sketch" not in seen and "copy" not in seen, seen

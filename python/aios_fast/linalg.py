@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 from . import backends
-from ._alloc import empty_scratch
+from ._alloc import SCRATCH
 from .errors import InputError
 from .kernels.svd import cholqr, cholqr2_factors
 
-__all__ = ["truncated_svd", "SVDResult", "SVD_METHODS"]
+__all__ = ["truncated_svd", "SVDResult", "SVD_METHODS", "free_scratch"]
 
 _MATERIALIZE_BYTES = 512 << 20  # fp32 delta size up to which "auto" converts once
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -92,6 +92,13 @@ class _Operator:
             T = T.contiguous()
         self.T = T
         self.direct = False
+        self.scratch = None
+
+    def release(self) -> None:
+        """Hand the materialised delta back to the pool (nothing returned aliases it)."""
+        if self.scratch is not None:
+            SCRATCH.give(self.scratch)
+            self.T = self.scratch = None
 
     def apply(self, X=None, Y=None, out_yt=None):
         """(M @ X, Mᵀ @ Y, ‖M‖²_F); the norm on the first pass only (None after). ``out_yt``
@@ -104,7 +111,7 @@ class _Operator:
         out = None
         if self.materialize:
             # Convert once, in the same fused pass as the first sketch; later passes are GEMMs.
-            out = empty_scratch((self.m, self.n), self.cdtype, self.device)
+            out = self.scratch = SCRATCH.take((self.m, self.n), self.cdtype, self.device)
         mx, my, fro = backends.call("delta_sketch", self.device.type, self.T, self.B, X, Y, out=out, force=self.impl)
         if out is not None:
             self.T, self.B, self.direct = out, None, True
@@ -372,7 +379,8 @@ def truncated_svd(
             as plain GEMMs; ``"auto"`` (default) does the latter when the float32 delta fits in
             512 MiB (4096 × 11008 does). On Linux the CPU buffer is backed by transparent huge
             pages (:mod:`aios_fast._alloc`): first-touching it in 4 KiB pages cost more than
-            re-converting the tiles on every pass. A single matrix already in float32 / float64
+            re-converting the tiles on every pass. It is kept for the next call of the same
+            shape (up to 256 MiB in all; :func:`free_scratch` frees it). A single matrix already in float32 / float64
             is never copied, whatever this says: every pass multiplies it where it lies.
         method: ``"krylov"`` (default) or ``"subspace"``, see above; it chooses the
             fixed-rank algorithm (the fixed-precision mode always grows its basis by blocks).
@@ -449,15 +457,26 @@ def truncated_svd(
     op = _Operator(T, B, dev, impl, bool(materialize))
     gen = torch.Generator().manual_seed(int(seed))
     cd = op.cdtype
+    try:
+        if energy is None:
+            k = int(cap)
+            q = _auto_depth(k, small, method) if power_iters == "auto" else int(power_iters)
+            ell = _block_width(k + int(oversample), small)
+            omega = torch.randn(n, ell, generator=gen, dtype=cd).to(dev)
+            U, S, Vh, s_all, fro = run(op, omega, k, q)
+            return SVDResult(U, S, Vh, fro, s_all, q)
+        return _adaptive(op, gen, energy, int(cap), power_iters, int(block_size), dev)
+    finally:
+        op.release()
 
-    if energy is None:
-        k = int(cap)
-        q = _auto_depth(k, small, method) if power_iters == "auto" else int(power_iters)
-        ell = _block_width(k + int(oversample), small)
-        omega = torch.randn(n, ell, generator=gen, dtype=cd).to(dev)
-        U, S, Vh, s_all, fro = run(op, omega, k, q)
-        return SVDResult(U, S, Vh, fro, s_all, q)
-    return _adaptive(op, gen, energy, int(cap), power_iters, int(block_size), dev)
+
+def free_scratch() -> int:
+    """Free the float32 deltas that :func:`truncated_svd` keeps for its next call of the same
+    shape (at most 256 MiB; a batch extraction reuses one per module shape instead of faulting a
+    fresh one in every call). Returns the bytes freed."""
+    freed = SCRATCH.kept_bytes
+    SCRATCH.clear()
+    return freed
 
 
 def _check_finite(fro: float) -> None:
