@@ -79,5 +79,6 @@ def test_truncated_svd_returns_its_delta_to_the_pool_and_results_do_not_alias_it
     kept.fill_(float("nan"))                                     # the next call may overwrite it
     assert torch.equal(first.U, U) and torch.equal(first.S, S)
     again = linalg.truncated_svd((T, B), 4, materialize=True)
-    assert linalg.SCRATCH._free == [kept] and torch.equal(again.S, S)  # reused, same answer
+    assert len(linalg.SCRATCH._free) == 1 and linalg.SCRATCH._free[0] is kept  # reused
+    assert torch.equal(again.S, S)                                              # same answer
     assert linalg.free_scratch() == 300 * 200 * 4 and linalg.SCRATCH.kept_bytes == 0
