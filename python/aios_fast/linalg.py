@@ -16,7 +16,7 @@ import torch
 from . import backends
 from ._alloc import SCRATCH
 from .errors import InputError
-from .kernels.svd import cholqr, cholqr2_factors
+from .kernels.svd import cholqr, cholqr2, cholqr2_factors
 
 __all__ = ["truncated_svd", "SVDResult", "SVD_METHODS", "free_scratch"]
 
@@ -203,7 +203,7 @@ def _new_directions(Qprev, K):
     # are (nearly) rounding noise, as in an invariant Krylov space, or a residual overlap with
     # Qprev that R⁻¹ amplified past _OVERLAP, leave the decision to the rank-revealing path.
     if float(torch.linalg.vector_norm(K, dim=0).min()) >= _DIRECT_SHARE:
-        Q = _cholqr2_or_none(K)
+        Q = cholqr2(K)
         if Q is not None:
             C = Qprev.T @ Q
             if float(C.abs().max()) <= _OVERLAP:
@@ -231,11 +231,6 @@ _DIRECT_SHARE = 1e-2
 #: largest |Qprevᵀ Q| entry that one more projection may remove from that direct result: it
 #: changes Q's column norms by about its square (1e-8)
 _OVERLAP = 1e-4
-
-
-def _cholqr2_or_none(K):
-    Q = cholqr(K)
-    return None if Q is None else cholqr(Q)
 
 
 def _subspace(op, omega, k, q):

@@ -110,23 +110,14 @@ def checksum_xxh3(headers: Iterable[tuple], a_parts: Iterable, b_parts: Iterable
     defence against a deliberate forger, who can rewrite the key as easily as the tensors: the
     federation's signed SHA-256 of the whole file is that defence.
     """
-    u64 = _U64.pack
     parts = [b"aios-lora-arrow-v2/xxh3-128"]
-    add = parts.append
-    for module, dta, dtb, sa, sb, rank, alpha, la, lb in headers:
-        m, da, db = module.encode(), dta.encode(), dtb.encode()
-        add(b"".join((u64(len(m)), m, u64(len(da)), da, u64(len(db)), db,
-                      struct.pack(f"<I{len(sa)}q", len(sa), *sa), struct.pack(f"<I{len(sb)}q", len(sb), *sb),
-                      _RANK_ALPHA.pack(rank, alpha), _LENS.pack(la, lb))))
+    parts += [_row_fields(*row) + _LENS.pack(la, lb) for *row, la, lb in headers]
     h = xxhash.xxh3_128(b"".join(parts))
     for part in a_parts:
         h.update(part)
     for part in b_parts:
         h.update(part)
-    for k in sorted(metadata):
-        if k != KEY_CHECKSUM.encode():
-            _field(h, k)
-            _field(h, metadata[k])
+    _hash_metadata(h, metadata)
     return f"xxh3-128:{h.hexdigest()}"
 
 
@@ -143,18 +134,30 @@ def _checksum_sha256(rows: Iterable[tuple], metadata: Mapping[bytes, bytes]) -> 
     h = hashlib.sha256()
     h.update(b"aios-lora-arrow-v2")
     u64 = _U64.pack
-    for module, dta, dtb, sa, sb, rank, alpha, a, b in rows:
-        m, da, db = module.encode(), dta.encode(), dtb.encode()
+    for *fields, a, b in rows:
         # the fields between two tensors' bytes in one update: the same stream, fewer calls
-        h.update(b"".join((u64(len(m)), m, u64(len(da)), da, u64(len(db)), db,
-                           struct.pack(f"<I{len(sa)}q", len(sa), *sa),
-                           struct.pack(f"<I{len(sb)}q", len(sb), *sb),
-                           _RANK_ALPHA.pack(rank, alpha), u64(len(a)))))
+        h.update(_row_fields(*fields) + u64(len(a)))
         h.update(a)
         h.update(u64(len(b)))
         h.update(b)
+    _hash_metadata(h, metadata)
+    return f"sha256:{h.hexdigest()}"
+
+
+def _row_fields(module: str, dta: str, dtb: str, sa, sb, rank: int, alpha: float) -> bytes:
+    """One row's fields as both checksums hash them: length-prefixed module name and dtypes,
+    the shapes (u32 count, i64 per dim), rank (i64) and alpha (f64)."""
+    u64 = _U64.pack
+    m, da, db = module.encode(), dta.encode(), dtb.encode()
+    return b"".join((u64(len(m)), m, u64(len(da)), da, u64(len(db)), db,
+                     struct.pack(f"<I{len(sa)}q", len(sa), *sa), struct.pack(f"<I{len(sb)}q", len(sb), *sb),
+                     _RANK_ALPHA.pack(rank, alpha)))
+
+
+def _hash_metadata(h, metadata: Mapping[bytes, bytes]) -> None:
+    """Every schema metadata entry except the checksum's own, sorted by key bytes, each
+    length-prefixed key then value."""
     for k in sorted(metadata):
         if k != KEY_CHECKSUM.encode():
             _field(h, k)
             _field(h, metadata[k])
-    return f"sha256:{h.hexdigest()}"

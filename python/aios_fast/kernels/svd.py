@@ -217,10 +217,14 @@ def cholqr(Y):
     return None if R is None else torch.linalg.solve_triangular(R, Y, upper=True, left=False)
 
 
-def _cholqr2(Y):
+def cholqr2(Y):
+    """CholeskyQR2: two sweeps, orthonormal to ~eps; None where either would not be stable."""
     Q = cholqr(Y)
-    if Q is not None:
-        Q = cholqr(Q)
+    return None if Q is None else cholqr(Q)
+
+
+def _cholqr2(Y):
+    Q = cholqr2(Y)
     return Q if Q is not None else _householder(Y)
 
 
