@@ -8,6 +8,8 @@ import sys
 from importlib import metadata
 from typing import Any
 
+from ..allocator import malloc_setting
+
 __all__ = ["machine_info", "versions", "load_average"]
 
 _PACKAGES = ("aios-fast", "torch", "numpy", "transformers", "safetensors", "pyarrow", "scipy",
@@ -35,7 +37,7 @@ def load_average() -> list[float] | None:
 
 def machine_info(profile=None) -> dict[str, Any]:
     """CPU model, logical cores, RAM, GPUs (from ``profile``, an ``aios_fast.hardware``
-    HardwareProfile), OS, and the load average now."""
+    HardwareProfile), OS, the load average now, and the glibc malloc setting in force."""
     import torch
 
     gpus = [] if profile is None else [
@@ -52,6 +54,7 @@ def machine_info(profile=None) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "torch_threads": torch.get_num_threads(),
         "load_average": load_average(),
+        "malloc": malloc_setting(),
     }
 
 

@@ -105,6 +105,7 @@ def render_markdown(report: dict[str, Any], report_name: str = "report.json", he
         "",
         f"- machine: {m['cpu']}, {m['cores']} logical cores, {m['ram_gb']} GB RAM, {gpus}; "
         f"load average at start {load if load else 'n/a'}, at end {m.get('load_average_end') or 'n/a'}",
+        *([f"- glibc malloc: {m['malloc']['reason']}"] if m.get("malloc") else []),
         f"- tier: {t['name']} ({'forced' if t['forced'] else 'detected'}; detected {t['detected']}: {t['reason']})",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v),
         "- summary: " + ", ".join(f"{n} {k}" for k, n in sorted(report["summary"].items())),

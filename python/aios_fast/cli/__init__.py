@@ -44,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        from ..allocator import from_environment
+
+        from_environment()
         return int(args.func(args) or 0)
     except AiosError as exc:
         print(f"aios-fast {args.command}: error: {exc}", file=sys.stderr)

@@ -19,6 +19,7 @@ def collect() -> dict[str, Any]:
     import torch
 
     from .. import __version__, _native, backends, hardware
+    from ..allocator import malloc_setting
 
     profile = hardware.detect()
     devices = ["cpu"] + [f"cuda:{g.index}" for g in profile.gpus]
@@ -32,6 +33,7 @@ def collect() -> dict[str, Any]:
         "gpu_present": bool(profile.gpus),
         "compiled": _native.build_info(),
         "kernels": backends.table(("cpu", "cuda")),
+        "malloc": malloc_setting(),
     }
 
 
@@ -48,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     c.print(f"tier: [bold]{hw['tier']}[/] - {hw['reason']}")
     c.print(f"learning tiers allowed: {', '.join(hw['learning_tiers'])}")
     c.print(f"devices: {', '.join(info['devices'])}; RAM {hw['ram_gb']} GB")
+    c.print(f"glibc malloc: {info['malloc']['reason']}")
     if comp.get("compiled"):
         c.print(f"compiled core: OpenMP {'on' if comp['openmp'] else 'off'} "
                 f"({comp['openmp_threads']} threads), SIMD {', '.join(comp['cpu_simd']) or 'none'}, "
