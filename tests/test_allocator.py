@@ -105,6 +105,12 @@ def test_no_op_cases_say_why(fresh_state, env, reason):
     assert allocator.malloc_setting() == got
 
 
+def test_system_outranks_an_explicit_threshold(fresh_state, monkeypatch):
+    monkeypatch.setattr(allocator, "_mallopt", lambda: pytest.fail("mallopt must not be called"))
+    got = allocator.keep_large_blocks(64 << 20, env={allocator.ENV: "system"})
+    assert got == {"applied": False, "threshold": None, "reason": "AIOS_FAST_MALLOC=system: glibc's defaults kept"}
+
+
 def test_not_glibc_is_a_no_op(fresh_state, monkeypatch):
     monkeypatch.setattr(allocator, "_mallopt", lambda: None)
     got = allocator.keep_large_blocks(env={})

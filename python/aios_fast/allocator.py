@@ -85,14 +85,16 @@ def keep_large_blocks(threshold: int | None = None, env: Mapping[str, str] | Non
     """Keep freed blocks up to ``threshold`` bytes in glibc's heap for reuse (see the module doc).
 
     ``threshold`` None takes ``AIOS_FAST_MALLOC`` (default 256 MiB). Returns :func:`malloc_setting`.
-    Safe to call more than once; a no-op off glibc, with ``AIOS_FAST_MALLOC=system``, or where
-    the user configured glibc's malloc through its own environment variables.
+    Safe to call more than once; a no-op off glibc, with ``AIOS_FAST_MALLOC=system`` (also when
+    ``threshold`` is given), or where the user configured glibc's malloc through its own
+    environment variables.
     """
     env = os.environ if env is None else env
+    wanted = _threshold_from_env(env)  # validates AIOS_FAST_MALLOC even when threshold is given
+    if wanted is None:  # the operator's "system" outranks the embedding application's call
+        return _set(False, None, f"{ENV}=system: glibc's defaults kept")
     if threshold is None:
-        threshold = _threshold_from_env(env)
-        if threshold is None:
-            return _set(False, None, f"{ENV}=system: glibc's defaults kept")
+        threshold = wanted
     elif not isinstance(threshold, int) or isinstance(threshold, bool) or not 1 << 20 <= threshold <= _MAX:
         raise InputError(f"threshold: expected bytes from 1 MiB to 1 GiB, got {threshold!r}")
     user = _user_malloc_settings(env)
@@ -101,10 +103,9 @@ def keep_large_blocks(threshold: int | None = None, env: Mapping[str, str] | Non
     mallopt = _mallopt()
     if mallopt is None:
         return _set(False, None, "not glibc: the C library's allocator is left as it is")
-    value = threshold
-    if not (mallopt(_M_MMAP_THRESHOLD, value) and mallopt(_M_TRIM_THRESHOLD, value)):
-        return _set(False, None, f"glibc refused mallopt thresholds of {value} bytes")
-    return _set(True, value, f"blocks up to {value >> 20} MiB reused from the heap")
+    if not (mallopt(_M_MMAP_THRESHOLD, threshold) and mallopt(_M_TRIM_THRESHOLD, threshold)):
+        return _set(False, None, f"glibc refused mallopt thresholds of {threshold} bytes")
+    return _set(True, threshold, f"blocks up to {threshold >> 20} MiB reused from the heap")
 
 
 def from_environment(env: Mapping[str, str] | None = None) -> dict[str, Any]:
