@@ -12,7 +12,11 @@
 (b) SHA-256 of the same bytes in memory (the floor of any check of the id), the checks alone
     on the file, and the checked fetch stage by stage, to show where the time goes;
 (c) time from ``publish`` on node A to the card usable on node B (scanned, fetched, checked,
-    added to B's SkillLibrary and loaded), beside the raw transfer of that card.
+    added to B's SkillLibrary and loaded), beside the raw transfer of that card;
+(d) (a)'s checked fetch and raw ``do_get`` again, over a loopback shaped to a LAN's rate (1 and
+    10 Gbit/s; ``AIOS_FEDERATION_LINK_RATES``) by the kernel's token-bucket filter in a network
+    namespace of its own (``_federation_link.py``; needs root for ``unshare -n`` and ``tc``,
+    skipped with the reason otherwise): the ratio a fetch between two machines meets.
 
     python -m pytest benchmarks/bench_federation.py --benchmark-only -q -s
 """
@@ -21,7 +25,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +44,7 @@ TOKEN = "bench-token"
 FP = "fp1:" + "44" * 16
 RANK = 272   # 24 MiniLM attention modules x rank 272, float32: about 20 MB
 ROUNDS = int(os.environ.get("AIOS_FEDERATION_BENCH_ROUNDS", "12"))
+LINK_RATES = [r for r in os.environ.get("AIOS_FEDERATION_LINK_RATES", "1gbit,10gbit").split(",") if r]
 RESULTS: dict[str, object] = {}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -137,7 +145,8 @@ def test_fetch_20mb_all_checks_vs_raw(benchmark, pair):
     assert b"".join(v.as_py() for v in out["raw"].column(0)) == data
     assert (work / "card.lora.arrow").read_bytes() == data
     for v in (*series.values(), *cpu.values()):
-        del v[0]                                  # the warm-up round
+        if len(v) > 1:                            # --benchmark-disable runs one round only
+            del v[0]                              # the warm-up round
     ratios = sorted(r / c for r, c in zip(series["raw"], series["checked"]))
     ratios_file = sorted(r / c for r, c in zip(series["raw_to_file"], series["checked"]))
     RESULTS.update({
@@ -242,7 +251,10 @@ def test_publish_to_usable_on_peer(benchmark, pair):
     # made before timing: writing the card is not part of publishing it
     cards = iter([_card(root / f"p{i}.lora.arrow", seed=100 + i, rank=16) for i in range(rounds + 1)])
 
+    calls = []
+
     def publish_and_use():
+        calls.append(1)
         path = next(cards)
         m = a.publish(path, examples=["a fresh skill"], validation={"passed": True})
         entry = b.fetch_skill(m.id, library=lib)
@@ -251,7 +263,7 @@ def test_publish_to_usable_on_peer(benchmark, pair):
 
     path, entry, card, m = benchmark.pedantic(publish_and_use, rounds=rounds, warmup_rounds=1)
     assert Path(entry.path).read_bytes() == path.read_bytes() and entry.passed and card.rank == 16
-    assert len(lib.names()) == rounds + 1
+    assert len(lib.names()) == len(calls)         # rounds + 1, or 1 with --benchmark-disable
     client = flight.FlightClient(a.location)
     opts = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {TOKEN}".encode())])
     raw = []
@@ -265,6 +277,38 @@ def test_publish_to_usable_on_peer(benchmark, pair):
     RESULTS["publish_to_usable_raw_transfer"] = _after_warmup(raw)
     RESULTS["publish_to_usable_card_bytes"] = path.stat().st_size
     benchmark.extra_info["card_bytes"] = path.stat().st_size
+
+
+@pytest.mark.parametrize("rate", LINK_RATES)
+def test_fetch_over_shaped_link(benchmark, rate):
+    """One child process in a network namespace of its own runs (a)'s raw and checked fetch,
+    alternating, over its loopback capped at ``rate``; the benchmark's time is the whole child
+    (node start-up included), the figures are the per-round series it reports."""
+    unshare, tc = shutil.which("unshare"), shutil.which("tc")
+    if os.geteuid() != 0 or unshare is None or tc is None:
+        pytest.skip("shaping a loopback needs root with unshare and tc (iproute2)")
+    script = Path(__file__).with_name("_federation_link.py")
+    cmd = [unshare, "-n", sys.executable, str(script), rate, str(ROUNDS)]
+
+    def child():
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+    proc = benchmark.pedantic(child, rounds=1, iterations=1)
+    if proc.returncode != 0 and "unshare failed" in proc.stderr:
+        pytest.skip(f"cannot create a network namespace here: {proc.stderr.strip()[:200]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    raw, checked = r["series_s"]["raw"], r["series_s"]["checked"]
+    ratios = sorted(a / b for a, b in zip(raw, checked))
+    mb = r["bytes"] / 1e6
+    RESULTS.setdefault("link", {})[rate] = {
+        "raw": statistics.median(raw), "checked": statistics.median(checked),
+        "raw_mb_s": mb / statistics.median(raw), "checked_mb_s": mb / statistics.median(checked),
+        "checked_over_raw_throughput": statistics.median(ratios),
+        "checked_over_raw_quartiles": _quartiles(ratios), "checked_over_raw_range": [ratios[0], ratios[-1]],
+        "rounds": len(ratios), "series_s": r["series_s"]}
+    benchmark.extra_info.update({k: RESULTS["link"][rate][k] for k in (
+        "raw", "checked", "checked_over_raw_throughput", "checked_over_raw_range")})
 
 
 def _quartiles(xs: list[float]) -> list[float]:
@@ -300,6 +344,13 @@ def report():
                      f"CPU time {r['sha256_cpu'] * 1e3:.1f} ms ({20 / r['sha256_cpu']:.0f} MB/s)")
     if "checks_alone" in r:
         lines.append(f"the checks alone on the file (no network): {r['checks_alone'] * 1e3:.1f} ms")
+    for rate, x in r.get("link", {}).items():
+        (q1, q3), (lo, hi) = x["checked_over_raw_quartiles"], x["checked_over_raw_range"]
+        lines.append(f"over a loopback shaped to {rate}: raw do_get {x['raw'] * 1e3:.1f} ms "
+                     f"({x['raw_mb_s']:.0f} MB/s), checked fetch {x['checked'] * 1e3:.1f} ms "
+                     f"({x['checked_mb_s']:.0f} MB/s); checked / raw per round: median "
+                     f"{x['checked_over_raw_throughput']:.2f}x, quartiles {q1:.2f}-{q3:.2f}, range {lo:.2f}-{hi:.2f} "
+                     f"({x['rounds']} rounds)")
     if "publish_to_usable" in r:
         lines.append(f"publish on A -> usable on B ({r['publish_to_usable_card_bytes'] / 1e3:.0f} KB card): "
                      f"{r['publish_to_usable'] * 1e3:.1f} ms; raw do_get of that card: "
