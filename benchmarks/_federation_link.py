@@ -42,8 +42,8 @@ def _bits_per_second(rate: str) -> float:
 
 def shape_loopback(rate: str) -> None:
     """Bring this namespace's loopback up and cap it at ``rate``. The bucket holds 1 ms of
-    traffic (at least 64 KiB, the loopback's largest segment), so a transfer cannot start with
-    a burst that hides the rate."""
+    traffic (at least 128 KiB: two of the loopback's 64 KiB segments), so a transfer cannot start
+    with a burst that hides the rate."""
     burst = max(int(_bits_per_second(rate) / 8 / 1000), 1 << 17)
     for cmd in (["ip", "link", "set", "lo", "up"],
                 ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate,
