@@ -25,12 +25,11 @@ import pyarrow.flight as flight
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_federation import FP, TOKEN, _card  # noqa: E402
+from bench_federation import CANNOT_SHAPE, FP, TOKEN, _card  # noqa: E402
 
 from aios_fast.federation.manager import FederationManager  # noqa: E402
 
 _UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
-CANNOT_SHAPE = 77  # exit status: this machine cannot shape a loopback (not a failed measurement)
 
 
 def _bits_per_second(rate: str) -> float:

@@ -48,7 +48,7 @@ RANK = 272   # 24 MiniLM attention modules x rank 272, float32: about 20 MB
 ROUNDS = int(os.environ.get("AIOS_FEDERATION_BENCH_ROUNDS", "12"))
 LINK_RATES = [r for r in os.environ.get("AIOS_FEDERATION_LINK_RATES", "1gbit,2500mbit,10gbit").split(",") if r]
 RESULTS: dict[str, object] = {}
-CANNOT_SHAPE = 77  # _federation_link.py's exit status when the loopback cannot be shaped
+CANNOT_SHAPE = 77  # _federation_link.py's exit status when this machine cannot shape a loopback
 PNG = Path(__file__).resolve().parents[1] / "docs" / "img" / "federation_bench.png"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
